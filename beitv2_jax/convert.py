@@ -1,0 +1,337 @@
+"""Official / timm PyTorch state dicts <-> our Flax parameter trees (spec §6).
+
+Our parameter paths mirror the official keys, so one rule maps both ways:
+  `blocks_3/attn/qkv/kernel` <-> `blocks.3.attn.qkv.weight` (transposed), `norm1/scale` <-> `norm1.weight`,
+  `patch_embed_proj/kernel` (kh, kw, in, out) <-> `patch_embed.proj.weight` (out, in, kh, kw).
+Scanned models keep blocks stacked under `blocks/block`; they are unstacked before conversion.
+
+CLI:
+  python -m beitv2_jax.convert --src beitv2_base_patch16_224.pth --dst ckpt_dir      # -> our checkpoint
+  python -m beitv2_jax.convert --src WORKDIR --dst model.safetensors --format timm   # -> timm / official
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+# Keys the official / timm checkpoints carry that are buffers, not parameters.
+BUFFER_PATTERNS = (r"(^|\.)relative_position_index$", r"(^|\.)k_bias$")
+
+
+class CheckpointMismatchError(ValueError):
+  """Missing, unexpected or mis-shaped keys between a state dict and a model."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading state dicts
+# ------------------------------------------------------------------------------------------------
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Reads a .pth / .pt / .bin (torch), .safetensors or .npz file into {key: float32/int ndarray}.
+
+  Official checkpoints nest the weights under 'model' (or 'module' for DeepSpeed fine-tunes, or
+  'state_dict'); those wrappers are removed.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint file not found: {path}")
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file
+    sd = load_file(path)
+  elif path.endswith(".npz"):
+    sd = dict(np.load(path))
+  else:
+    try:
+      import torch
+    except ImportError as e:
+      raise ImportError(f"reading {path} needs PyTorch (pip install torch); .safetensors files do not") from e
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("model", "module", "state_dict"):
+      if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+        obj = obj[key]
+        break
+    sd = {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+          for k, v in obj.items() if hasattr(v, "numpy")}
+  return {k: np.asarray(v) for k, v in sd.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Tree utilities
+# ------------------------------------------------------------------------------------------------
+def flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def unflatten(flat: Mapping[tuple, Any]) -> dict:
+  tree: dict = {}
+  for path, v in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return tree
+
+
+def unstack_scanned(params: Mapping) -> dict:
+  """`{name}/block/...` stacked over layers -> `{name}_i/...` (any nesting level)."""
+  out = {}
+  for k, v in params.items():
+    if isinstance(v, Mapping) and set(v.keys()) == {"block"}:
+      n = jax_leaves(v)[0].shape[0]
+      for i in range(n):
+        out[f"{k}_{i}"] = _map_leaves(v["block"], lambda a: a[i])
+    elif isinstance(v, Mapping):
+      out[k] = unstack_scanned(v)
+    else:
+      out[k] = v
+  return out
+
+
+def stack_for_scan(params: Mapping, template: Mapping) -> dict:
+  """Inverse of unstack_scanned, following the layout of `template` (a scanned tree)."""
+  out = {}
+  for k, v in template.items():
+    if isinstance(v, Mapping) and set(v.keys()) == {"block"}:
+      n = jax_leaves(v)[0].shape[0]
+      blocks = [params[f"{k}_{i}"] for i in range(n)]
+      out[k] = {"block": _map_leaves_multi(blocks, lambda *xs: np.stack([np.asarray(x) for x in xs]))}
+    elif isinstance(v, Mapping):
+      out[k] = stack_for_scan(params[k], v)
+    else:
+      out[k] = params[k]
+  return out
+
+
+def jax_leaves(tree):
+  return list(flatten(tree).values()) if isinstance(tree, Mapping) else [tree]
+
+
+def _map_leaves(tree, fn):
+  return {k: _map_leaves(v, fn) if isinstance(v, Mapping) else fn(v) for k, v in tree.items()}
+
+
+def _map_leaves_multi(trees, fn):
+  first = trees[0]
+  return {k: _map_leaves_multi([t[k] for t in trees], fn) if isinstance(first[k], Mapping)
+          else fn(*[t[k] for t in trees]) for k in first}
+
+
+# ------------------------------------------------------------------------------------------------
+# Key mapping
+# ------------------------------------------------------------------------------------------------
+def path_to_key(path: Iterable[str]) -> str:
+  """('blocks_3', 'attn', 'qkv', 'kernel') -> 'blocks.3.attn.qkv.weight'."""
+  parts = []
+  for p in path:
+    if p == "patch_embed_proj":
+      parts += ["patch_embed", "proj"]
+      continue
+    m = re.fullmatch(r"(.+)_(\d+)", p)
+    if m and not p.startswith("gamma_"):
+      parts += [m.group(1), m.group(2)]
+    else:
+      parts.append({"kernel": "weight", "scale": "weight"}.get(p, p))
+  return ".".join(parts)
+
+
+def to_torch_layout(path: tuple, a: np.ndarray) -> np.ndarray:
+  a = np.asarray(a, dtype=np.float32)
+  if path[-1] == "kernel":
+    return a.T if a.ndim == 2 else a.transpose(3, 2, 0, 1)
+  return a
+
+
+def from_torch_layout(path: tuple, a: np.ndarray) -> np.ndarray:
+  a = np.asarray(a, dtype=np.float32)
+  if path[-1] == "kernel":
+    return a.T if a.ndim == 2 else a.transpose(2, 3, 1, 0)
+  return a
+
+
+def to_state_dict(params: Mapping, strip: str = "", add: str = "") -> dict[str, np.ndarray]:
+  """Our params -> official/timm state dict. `strip`: a top-level subtree to unwrap (e.g. 'backbone');
+  `add`: a key prefix to add (e.g. 'encoder.')."""
+  params = unstack_scanned(params)
+  out = {}
+  for path, a in flatten(params).items():
+    if strip and path[0] == strip:
+      path = path[1:]
+    out[add + path_to_key(path)] = to_torch_layout(path, a)
+  return out
+
+
+def from_state_dict(sd: Mapping[str, np.ndarray], template: Mapping, strip: str = "", add: str = "",
+                    ignore: Iterable[str] = (), what: str = "checkpoint") -> dict:
+  """Official/timm state dict -> our params shaped like `template` (a tree of arrays or ShapeDtypeStructs).
+
+  Raises CheckpointMismatchError listing every missing, unexpected and mis-shaped key. Keys matching a
+  regex in `ignore` (or a buffer) are allowed to be unused.
+  """
+  unrolled = unstack_scanned(_map_leaves(template, lambda a: np.zeros(a.shape, np.float32)))
+  flat = flatten(unrolled)
+  used, missing, shapes = set(), [], []
+  out = {}
+  for path, ref in flat.items():
+    tpath = path[1:] if strip and path[0] == strip else path
+    key = add + path_to_key(tpath)
+    if key not in sd:
+      missing.append(key)
+      continue
+    a = from_torch_layout(path, sd[key])
+    if a.shape != ref.shape:
+      shapes.append(f"{key}: checkpoint {tuple(sd[key].shape)} vs model {_torch_shape(path, ref.shape)}")
+      continue
+    used.add(key)
+    out[path] = a
+  patterns = tuple(BUFFER_PATTERNS) + tuple(ignore)
+  unexpected = [k for k in sd if k not in used and not any(re.search(p, k) for p in patterns)
+                and k not in missing]
+  if missing or unexpected or shapes:
+    lines = [f"{what} does not match the model:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+      if items:
+        lines.append(f"  {title} ({len(items)}): " + ", ".join(sorted(items)[:20])
+                     + (" ..." if len(items) > 20 else ""))
+    raise CheckpointMismatchError("\n".join(lines))
+  tree = unflatten(out)
+  if _is_scanned(template):
+    tree = stack_for_scan(tree, template)
+  return tree
+
+
+def _torch_shape(path, shape):
+  if path[-1] == "kernel":
+    return tuple(reversed(shape)) if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
+  return tuple(shape)
+
+
+def _is_scanned(tree) -> bool:
+  return any("block" in p and p[p.index("block") - 1] == "blocks" for p in flatten(tree) if len(p) > 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Official-checkpoint surgery (spec §4.1 / §6)
+# ------------------------------------------------------------------------------------------------
+def broadcast_shared_rel_pos(sd: Mapping[str, np.ndarray], depth: int) -> dict[str, np.ndarray]:
+  """A pretraining checkpoint's shared `rel_pos_bias.relative_position_bias_table` copied into every
+  block (what run_class_finetuning.py does)."""
+  sd = dict(sd)
+  shared = sd.pop("rel_pos_bias.relative_position_bias_table", None)
+  if shared is not None:
+    for i in range(depth):
+      sd.setdefault(f"blocks.{i}.attn.relative_position_bias_table", shared)
+  return sd
+
+
+def resize_rel_pos_table(table: np.ndarray, dst_window: tuple[int, int]) -> np.ndarray:
+  """Resizes a [(2h-1)(2w-1)+3, H] table to another window (official: geometric-progression coordinates
+  and a per-head cubic interpolation; scipy's interp2d is gone, RectBivariateSpline(kx=ky=3) is the same
+  spline family). The 3 CLS entries are kept."""
+  from scipy.interpolate import RectBivariateSpline
+  src_len = table.shape[0] - 3
+  src = int(round(np.sqrt(src_len)))
+  dst = 2 * dst_window[0] - 1
+  if src == dst:
+    return table
+  extra, table = table[-3:], table[:-3]
+
+  def geometric(r, n):
+    return (1.0 - r ** n) / (1.0 - r)
+
+  left, right = 1.01, 1.5
+  while right - left > 1e-6:  # bisection, as the official code, for q with sum_{i<src/2} q^i = dst/2
+    q = (left + right) / 2.0
+    if geometric(q, src // 2) > dst // 2:
+      right = q
+    else:
+      left = q
+  dis, cur = [], 1.0
+  for i in range(src // 2):
+    dis.append(cur)
+    cur += q ** (i + 1)
+  r_ids = [-d for d in reversed(dis)]
+  x = np.array(r_ids + [0] + dis)
+  t = dst // 2.0
+  dx = np.arange(-t, t + 0.1, 1.0)
+  out = []
+  for h in range(table.shape[1]):
+    z = table[:, h].reshape(src, src)
+    f = RectBivariateSpline(x, x, z, kx=3, ky=3)
+    out.append(f(dx, dx).reshape(-1, 1))
+  return np.concatenate([np.concatenate(out, axis=-1), extra], axis=0).astype(np.float32)
+
+
+def resize_pos_embed(pos: np.ndarray, dst_grid: tuple[int, int]) -> np.ndarray:
+  """(1, 1+h*w, D) -> (1, 1+H*W, D), bicubic on the patch part (CLS kept)."""
+  import jax
+  n = pos.shape[1] - 1
+  src = int(round(np.sqrt(n)))
+  if (src, src) == tuple(dst_grid):
+    return pos
+  grid = pos[0, 1:].reshape(src, src, -1)
+  new = np.asarray(jax.image.resize(grid, (*dst_grid, grid.shape[-1]), "bicubic"))
+  return np.concatenate([pos[:, :1], new.reshape(1, -1, grid.shape[-1])], axis=1).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Architecture inference from keys and shapes
+# ------------------------------------------------------------------------------------------------
+def infer_vit_config(sd: Mapping[str, np.ndarray], prefix: str = "", head_dim: int = 64) -> dict:
+  """VisionTransformer kwargs that fit the keys of an official/timm (sub)state dict."""
+  p = prefix
+  if f"{p}cls_token" not in sd:
+    raise CheckpointMismatchError(f"no '{p}cls_token' key: not a BEiT / ViT state dict")
+  d = sd[f"{p}cls_token"].shape[-1]
+  conv = sd[f"{p}patch_embed.proj.weight"]
+  patch = conv.shape[-1]
+  depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(re.escape(p) + r"blocks\.(\d+)\.", k)))
+  table_key = next((k for k in (f"{p}rel_pos_bias.relative_position_bias_table",
+                                f"{p}blocks.0.attn.relative_position_bias_table") if k in sd), None)
+  heads = sd[table_key].shape[1] if table_key else d // head_dim
+  if table_key:
+    window = int(round((np.sqrt(sd[table_key].shape[0] - 3) + 1) / 2))
+  elif f"{p}pos_embed" in sd:
+    window = int(round(np.sqrt(sd[f"{p}pos_embed"].shape[1] - 1)))
+  else:
+    window = 224 // patch
+  gamma = sd.get(f"{p}blocks.0.gamma_1")
+  cfg = dict(
+      img_size=window * patch, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads,
+      mlp_ratio=sd[f"{p}blocks.0.mlp.fc1.weight"].shape[0] / d,
+      use_abs_pos_emb=f"{p}pos_embed" in sd,
+      rel_pos=("shared" if f"{p}rel_pos_bias.relative_position_bias_table" in sd
+               else "layer" if table_key else "none"),
+      init_values=float(np.abs(gamma).mean()) if gamma is not None else 0.0,
+      use_mask_token=f"{p}mask_token" in sd,
+      num_classes=int(sd[f"{p}head.weight"].shape[0]) if f"{p}head.weight" in sd else 0,
+      final_norm="fc_norm" if f"{p}fc_norm.weight" in sd else "norm",
+  )
+  return cfg
+
+
+def main(argv=None):
+  import argparse
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--src", required=True, help="official/timm file, or our workdir / checkpoint dir")
+  ap.add_argument("--dst", required=True, help=".safetensors / .pth (for --format timm) or a directory")
+  ap.add_argument("--format", choices=("ours", "timm"), default="ours",
+                  help="ours: write a checkpoint beitv2_jax.load reads; timm: the official/timm key layout")
+  args = ap.parse_args(argv)
+  from beitv2_jax import api
+  model = api.load(args.src)
+  if args.format == "timm":
+    api.export_state_dict(model, args.dst)
+  else:
+    api.save_model(model, args.dst)
+  print(f"wrote {args.dst} ({model.kind})")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,115 @@
+"""grain pipelines: deterministic, sharded by process, resumable.
+
+The global stream is defined once, independently of how many processes read it: a seeded shuffle of
+the source, repeated with a fresh shuffle each epoch, with a per-example random augmentation seeded by
+the example's global position. Global batch b holds positions [b*GB, (b+1)*GB); process p reads rows
+[p*LB, (p+1)*LB) of every global batch (LB = GB / process_count). So a run on 2 hosts x 2 devices sees
+exactly the batches of 1 host x 4 devices, each process decodes only its own images, and the grain
+iterator state (saved in every checkpoint) restores the exact next batch.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterator, Optional
+
+import grain
+import jax
+import numpy as np
+from PIL import Image
+
+from beitv2_jax.data.sources import decode_image
+
+_reported_bad: set = set()
+
+
+class ExampleFn:
+  """record -> example dict. Decodes the image; a corrupt or unreadable image is logged once with its
+  path, counted in the example's `bad` field, and replaced deterministically by the next readable record
+  of the source."""
+
+  def __init__(self, source, transform: Callable, max_replacements: int = 64):
+    self.source, self.transform, self.max_replacements = source, transform, max_replacements
+
+  def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+    bad = 0
+    index = int(record.get("index", 0))
+    for attempt in range(self.max_replacements + 1):
+      image, ok = decode_image(record)
+      if ok and image.size and min(image.shape[:2]) > 0:
+        break
+      bad = 1
+      path = record.get("path", f"{getattr(self.source, 'name', 'source')}[{index}]")
+      if path not in _reported_bad:
+        _reported_bad.add(path)
+        logging.warning("unreadable image %s: replaced by the next readable one", path)
+      record = self.source[(index + attempt + 1) % len(self.source)]
+    else:
+      raise RuntimeError(f"{self.max_replacements} consecutive unreadable images after index {index}")
+    example = self.transform(Image.fromarray(image), rng)
+    example["label"] = np.int32(record["label"])
+    example["bad"] = np.int32(bad)
+    return example
+
+
+class _ProcessRows:
+  """Local index k -> global position of the k-th example this process reads."""
+
+  def __init__(self, global_ds, global_batch: int, process_index: int, process_count: int):
+    self.ds, self.gb = global_ds, global_batch
+    self.lb = global_batch // process_count
+    self.offset = process_index * self.lb
+
+  def __call__(self, k: int):
+    return self.ds[(k // self.lb) * self.gb + self.offset + k % self.lb]
+
+
+def _local_batch(global_batch: int) -> int:
+  n = jax.process_count()
+  if global_batch % n:
+    raise ValueError(f"batch_size={global_batch} is not divisible by the number of processes ({n})")
+  return global_batch // n
+
+
+def train_dataset(source, transform: Callable, global_batch: int, seed: int,
+                  num_workers: int = 0, prefetch_buffer: int = 2, read_threads: int = 4) -> grain.IterDataset:
+  """Endless, shuffled (re-shuffled each epoch), augmented batches of this process's rows."""
+  if len(source) == 0:
+    raise ValueError(f"dataset {getattr(source, 'name', source)} is empty")
+  lb = _local_batch(global_batch)
+  global_ds = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+               .random_map(ExampleFn(source, transform), seed=seed + 1))
+  rows = _ProcessRows(global_ds, global_batch, jax.process_index(), jax.process_count())
+  local = grain.MapDataset.range(1 << 62).map(rows).batch(lb, drop_remainder=True)
+  it = local.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
+  if num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                     per_worker_buffer_size=prefetch_buffer))
+  return it
+
+
+class _EvalRows:
+  """Like _ProcessRows over a finite, unshuffled source padded to whole global batches (valid=0)."""
+
+  def __init__(self, ds, n: int, global_batch: int, process_index: int, process_count: int):
+    self.ds, self.n, self.gb = ds, n, global_batch
+    self.lb = global_batch // process_count
+    self.offset = process_index * self.lb
+
+  def __call__(self, k: int):
+    g = (k // self.lb) * self.gb + self.offset + k % self.lb
+    ex = dict(self.ds[min(g, self.n - 1)])
+    ex["valid"] = np.int32(g < self.n)
+    return ex
+
+
+def eval_batches(source, transform: Callable, global_batch: int, seed: int = 0) -> Iterator[dict]:
+  """Every example of `source` exactly once (padding rows have valid=0), in order, this process's rows."""
+  n = len(source)
+  if n == 0:
+    raise ValueError(f"dataset {getattr(source, 'name', source)} is empty")
+  lb = _local_batch(global_batch)
+  num_batches = -(-n // global_batch)
+  ds = grain.MapDataset.source(source).random_map(ExampleFn(source, transform), seed=seed)
+  rows = _EvalRows(ds, n, global_batch, jax.process_index(), jax.process_count())
+  local = grain.MapDataset.range(num_batches * lb).map(rows).batch(lb, drop_remainder=True)
+  return iter(local.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))

@@ -1,0 +1,234 @@
+"""Per-example augmentations of the official recipes (spec §2, §3.4, §4.1), on PIL images, driven by a
+`np.random.Generator` that grain seeds per example (so every run and every resume sees the same ones).
+
+Images leave the host as uint8 (4x less to copy than float32); `to_unit` / `imagenet_normalize` run on
+the device inside the jitted step and are exactly ToTensor (/255) and Normalize.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS,
+          "nearest": Image.NEAREST}
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry
+# ------------------------------------------------------------------------------------------------
+def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
+                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """torchvision RandomResizedCrop.get_params: (left, top, w, h); 10 tries, then a centre crop."""
+  area = width * height
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return left, top, w, h
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    h, w = height, int(round(height * max(ratio)))
+  else:
+    w, h = width, height
+  return (width - w) // 2, (height - h) // 2, w, h
+
+
+def crop_resize(im: Image.Image, box, size: int, interpolation: str = "bicubic") -> Image.Image:
+  left, top, w, h = box
+  return im.resize((size, size), INTERP[interpolation], box=(left, top, left + w, top + h))
+
+
+def resize_center_crop(im: Image.Image, size: int, crop_pct: float = 0.875,
+                       interpolation: str = "bicubic") -> Image.Image:
+  """Eval: Resize(int(size / crop_pct)) on the shorter side, then CenterCrop(size)."""
+  short = int(size / crop_pct)
+  w, h = im.size
+  if w <= h:
+    nw, nh = short, int(short * h / w)
+  else:
+    nw, nh = int(short * w / h), short
+  im = im.resize((nw, nh), INTERP[interpolation])
+  left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+  return im.crop((left, top, left + size, top + size))
+
+
+def color_jitter(im: Image.Image, rng: np.random.Generator, brightness=0.4, contrast=0.4,
+                 saturation=0.4) -> Image.Image:
+  """torchvision ColorJitter(b, c, s): factors U[1-x, 1+x], applied in a random order."""
+  ops = [(ImageEnhance.Brightness, brightness), (ImageEnhance.Contrast, contrast),
+         (ImageEnhance.Color, saturation)]
+  for i in rng.permutation(len(ops)):
+    enhancer, strength = ops[i]
+    if strength > 0:
+      im = enhancer(im).enhance(rng.uniform(max(0.0, 1 - strength), 1 + strength))
+  return im
+
+
+def maybe_flip(im: Image.Image, rng: np.random.Generator, p: float = 0.5) -> Image.Image:
+  return im.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < p else im
+
+
+# ------------------------------------------------------------------------------------------------
+# RandAugment, timm `rand-m9-mstd0.5-inc1`
+# ------------------------------------------------------------------------------------------------
+_LEVEL_DENOM = 10.0
+
+
+def _negate(rng, v):
+  return -v if rng.random() < 0.5 else v
+
+
+def _affine(im, matrix, fill, resample):
+  return im.transform(im.size, Image.AFFINE, matrix, resample=resample, fillcolor=fill)
+
+
+def _solarize_add(im, add, thresh=128):
+  lut = [min(255, i + add) if i < thresh else i for i in range(256)]
+  return im.point(lut * len(im.getbands()))
+
+
+RAND_INCREASING_OPS = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+    "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+    "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+def apply_op(im: Image.Image, name: str, level: float, rng: np.random.Generator,
+             fill=(124, 116, 104), resample=Image.BICUBIC, translate_pct: float = 0.45) -> Image.Image:
+  m = level / _LEVEL_DENOM
+  if name == "AutoContrast":
+    return ImageOps.autocontrast(im)
+  if name == "Equalize":
+    return ImageOps.equalize(im)
+  if name == "Invert":
+    return ImageOps.invert(im)
+  if name == "Rotate":
+    return im.rotate(_negate(rng, m * 30.0), resample=resample, fillcolor=fill)
+  if name == "PosterizeIncreasing":
+    bits = 4 - int(m * 4)
+    return im if bits >= 8 else ImageOps.posterize(im, bits)
+  if name == "SolarizeIncreasing":
+    return ImageOps.solarize(im, 256 - int(m * 256))
+  if name == "SolarizeAdd":
+    return _solarize_add(im, int(m * 110))
+  if name.endswith("Increasing"):
+    factor = 1.0 + _negate(rng, m * 0.9)
+    enh = {"Color": ImageEnhance.Color, "Contrast": ImageEnhance.Contrast,
+           "Brightness": ImageEnhance.Brightness, "Sharpness": ImageEnhance.Sharpness}[name[:-10]]
+    return enh(im).enhance(factor)
+  if name == "ShearX":
+    return _affine(im, (1, _negate(rng, m * 0.3), 0, 0, 1, 0), fill, resample)
+  if name == "ShearY":
+    return _affine(im, (1, 0, 0, _negate(rng, m * 0.3), 1, 0), fill, resample)
+  if name == "TranslateXRel":
+    return _affine(im, (1, 0, _negate(rng, m * translate_pct) * im.size[0], 0, 1, 0), fill, resample)
+  if name == "TranslateYRel":
+    return _affine(im, (1, 0, 0, 0, 1, _negate(rng, m * translate_pct) * im.size[1]), fill, resample)
+  raise ValueError(f"unknown RandAugment op {name}")
+
+
+def rand_augment(im: Image.Image, rng: np.random.Generator, num_layers: int = 2, magnitude: float = 9.0,
+                 magnitude_std: float = 0.5, prob: float = 0.5) -> Image.Image:
+  """timm RandAugment: `num_layers` ops drawn uniformly with replacement, each applied with prob 0.5 at a
+  magnitude ~ N(9, 0.5) clipped to [0, 10] (the 'inc1' increasing-severity op set)."""
+  ops = rng.choice(len(RAND_INCREASING_OPS), num_layers, replace=True)
+  for i in ops:
+    if rng.random() > prob:
+      continue
+    level = magnitude if magnitude_std <= 0 else rng.normal(magnitude, magnitude_std)
+    im = apply_op(im, RAND_INCREASING_OPS[i], float(np.clip(level, 0.0, _LEVEL_DENOM)), rng)
+  return im
+
+
+def random_erasing_mask(rng: np.random.Generator, h: int, w: int, prob: float = 0.25,
+                        area=(0.02, 1 / 3), log_aspect=(math.log(0.3), math.log(1 / 0.3))) -> np.ndarray:
+  """timm RandomErasing(mode='pixel', max_count=1): the box to fill with N(0, 1) noise after
+  normalisation, as an (h, w) uint8 mask. The noise itself is drawn on the device."""
+  mask = np.zeros((h, w), np.uint8)
+  if rng.random() > prob:
+    return mask
+  for _ in range(10):
+    target = rng.uniform(*area) * h * w
+    aspect = math.exp(rng.uniform(*log_aspect))
+    eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+    if ew < w and eh < h:
+      top, left = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
+      mask[top:top + eh, left:left + ew] = 1
+      break
+  return mask
+
+
+# ------------------------------------------------------------------------------------------------
+# Task transforms: record dict + rng -> example dict of numpy arrays
+# ------------------------------------------------------------------------------------------------
+def as_uint8(im: Image.Image) -> np.ndarray:
+  return np.asarray(im, dtype=np.uint8)
+
+
+class TokenizerTrain:
+  """RandomResizedCrop(size, scale 0.08-1, bicubic) + flip; [0, 1] images (spec §2), no colour jitter."""
+
+  def __init__(self, size: int, scale=(0.08, 1.0)):
+    self.size, self.scale = size, scale
+
+  def __call__(self, im: Image.Image, rng) -> dict:
+    box = random_resized_crop_box(rng, *im.size, scale=self.scale)
+    return {"image": as_uint8(maybe_flip(crop_resize(im, box, self.size), rng))}
+
+
+class EvalTransform:
+  """Resize(size / 0.875, bicubic) + CenterCrop(size)."""
+
+  def __init__(self, size: int, crop_pct: float = 0.875):
+    self.size, self.crop_pct = size, crop_pct
+
+  def __call__(self, im: Image.Image, rng) -> dict:
+    return {"image": as_uint8(resize_center_crop(im, self.size, self.crop_pct))}
+
+
+class MIMTrain:
+  """DataAugmentationForBEiT (spec §3.4): ColorJitter(0.4, 0.4, 0.4) on the full image, flip, ONE crop box
+  (scale min_crop_scale-1) resized twice: `image` (the ViT view, ImageNet-normalised on device) and
+  `tokenizer_image` (the tokenizer view, [0, 1]), plus the block-wise `mask`."""
+
+  def __init__(self, size: int, mask_generator, min_crop_scale: float = 0.2, second_size: Optional[int] = None,
+               interpolation: str = "bicubic", second_interpolation: str = "bicubic", color_jitter: float = 0.4):
+    self.size, self.second_size = size, second_size or size
+    self.mask_generator, self.scale = mask_generator, (min_crop_scale, 1.0)
+    self.interp, self.interp2, self.jitter = interpolation, second_interpolation, color_jitter
+
+  def __call__(self, im: Image.Image, rng) -> dict:
+    if self.jitter > 0:
+      im = color_jitter(im, rng, self.jitter, self.jitter, self.jitter)
+    im = maybe_flip(im, rng)
+    box = random_resized_crop_box(rng, *im.size, scale=self.scale)
+    return {"image": as_uint8(crop_resize(im, box, self.size, self.interp)),
+            "tokenizer_image": as_uint8(crop_resize(im, box, self.second_size, self.interp2)),
+            "mask": self.mask_generator(rng).reshape(-1).astype(bool)}
+
+
+class FinetuneTrain:
+  """timm create_transform(is_training): RandomResizedCrop(0.08-1, bicubic), flip, RandAugment
+  rand-m9-mstd0.5-inc1, (normalise), RandomErasing(0.25, pixel). `erase` marks the erased box."""
+
+  def __init__(self, size: int, rand_augment_layers: int = 2, magnitude: float = 9.0, reprob: float = 0.25):
+    self.size, self.layers, self.magnitude, self.reprob = size, rand_augment_layers, magnitude, reprob
+
+  def __call__(self, im: Image.Image, rng) -> dict:
+    box = random_resized_crop_box(rng, *im.size)
+    im = maybe_flip(crop_resize(im, box, self.size), rng)
+    if self.layers > 0:
+      im = rand_augment(im, rng, self.layers, self.magnitude)
+    return {"image": as_uint8(im), "erase": random_erasing_mask(rng, self.size, self.size, self.reprob)}

@@ -1,0 +1,351 @@
+"""The BEiT ViT backbone (spec §0), shared by the tokenizer, the MIM student and the classifier.
+
+Parameter names mirror the official PyTorch state-dict keys (`blocks_3/attn/qkv/kernel` is
+`blocks.3.attn.qkv.weight`), so that `convert.py` is a renaming plus transposes. With `scan=True` the
+blocks live stacked under `blocks/` (leading axis = layer); `convert.py` stacks and unstacks.
+
+Numerics: parameters, LayerNorms, softmax and the residual stream are float32; matmuls run in `dtype`
+(bfloat16 on accelerators).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+LN_EPS = 1e-6  # official BEiT; HF's BeitConfig default (1e-12) is wrong for these weights.
+
+
+# ------------------------------------------------------------------------------------------------
+# Initialisers. Two official conventions (spec §1.4, §3.2, §7.10) plus PyTorch's defaults.
+# ------------------------------------------------------------------------------------------------
+def trunc_normal(std: float = 0.02, bound_in_std: float = 2.0 / 0.02):
+  """timm trunc_normal_(std, a, b) with bounds given in units of std (no variance correction)."""
+  return nn.initializers.truncated_normal(stddev=std, lower=-bound_in_std, upper=bound_in_std)
+
+
+def torch_default_kernel():
+  """PyTorch nn.Linear / nn.Conv2d default: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in))."""
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias(fan_in: int):
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+# init_style -> (linear kernel, linear bias given fan_in, patch conv kernel, patch conv bias, token init)
+#  "finetune": modeling_finetune / modeling_vqkd: trunc_normal(.02) with absolute +-2 bounds (so plain
+#              N(0, .02)); the patch conv keeps PyTorch's default init.
+#  "pretrain": modeling_pretrain: truncation at +-1 std (effective std ~0.0108), conv included.
+#  "torch":    modules built after `apply(_init_weights)`: PyTorch defaults, non-zero biases.
+def _inits(style: str):
+  zeros = lambda fan_in: nn.initializers.zeros
+  if style == "finetune":
+    return trunc_normal(0.02), zeros, torch_default_kernel(), torch_default_bias, trunc_normal(0.02)
+  if style == "pretrain":
+    t1 = trunc_normal(0.02, 1.0)
+    return t1, zeros, t1, zeros, t1
+  if style == "torch":
+    return torch_default_kernel(), torch_default_bias, torch_default_kernel(), torch_default_bias, trunc_normal(0.02)
+  raise ValueError(f"unknown init_style {style!r}; expected 'finetune', 'pretrain' or 'torch'")
+
+
+def relative_position_index(window: Sequence[int]) -> np.ndarray:
+  """BEiT's (N+1, N+1) index into a [(2h-1)(2w-1)+3, H] table; row/col 0 is the CLS token."""
+  wh, ww = window
+  coords = np.stack(np.meshgrid(np.arange(wh), np.arange(ww), indexing="ij")).reshape(2, -1)
+  rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0).copy()
+  rel[:, :, 0] += wh - 1
+  rel[:, :, 1] += ww - 1
+  rel[:, :, 0] *= 2 * ww - 1
+  num_rel = (2 * wh - 1) * (2 * ww - 1) + 3
+  idx = np.zeros((wh * ww + 1,) * 2, dtype=np.int32)
+  idx[1:, 1:] = rel.sum(-1)
+  idx[0, :] = num_rel - 3  # CLS -> patch
+  idx[:, 0] = num_rel - 2  # patch -> CLS
+  idx[0, 0] = num_rel - 1  # CLS -> CLS
+  return idx
+
+
+def num_relative_distance(window: Sequence[int]) -> int:
+  return (2 * window[0] - 1) * (2 * window[1] - 1) + 3
+
+
+def gather_rel_pos_bias(table: Array, window: Sequence[int]) -> Array:
+  """(num_relative_distance, heads) table -> (heads, N+1, N+1) attention bias."""
+  idx = relative_position_index(window)
+  n = idx.shape[0]
+  return table[idx.reshape(-1)].reshape(n, n, table.shape[-1]).transpose(2, 0, 1)
+
+
+class RelativePositionBias(nn.Module):
+  """The shared table of the MIM model (`rel_pos_bias.relative_position_bias_table`), zero init."""
+  window: Sequence[int]
+  num_heads: int
+
+  @nn.compact
+  def __call__(self) -> Array:
+    table = self.param("relative_position_bias_table", nn.initializers.zeros,
+                       (num_relative_distance(self.window), self.num_heads))
+    return gather_rel_pos_bias(table, self.window)
+
+
+# ------------------------------------------------------------------------------------------------
+# Block
+# ------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+  num_heads: int
+  window: Optional[Sequence[int]] = None  # per-layer relative position table when set
+  init_style: str = "finetune"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, rel_pos_bias: Optional[Array] = None) -> Array:
+    b, n, d = x.shape
+    h = self.num_heads
+    kinit, binit, *_ = _inits(self.init_style)
+    qkv = nn.Dense(3 * d, use_bias=False, kernel_init=kinit, dtype=self.dtype, name="qkv")(x)
+    q_bias = self.param("q_bias", nn.initializers.zeros, (d,))
+    v_bias = self.param("v_bias", nn.initializers.zeros, (d,))
+    # The k bias is a constant zero (official: concat(q_bias, zeros, v_bias)).
+    qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
+    qkv = qkv.reshape(b, n, 3, h, d // h)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = q * (d // h) ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if self.window is not None:
+      table = self.param("relative_position_bias_table", nn.initializers.zeros,
+                         (num_relative_distance(self.window), h))
+      logits = logits + gather_rel_pos_bias(table, self.window)
+    if rel_pos_bias is not None:
+      logits = logits + rel_pos_bias
+    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
+    return nn.Dense(d, kernel_init=kinit, bias_init=binit(d), dtype=self.dtype, name="proj")(out)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  init_style: str = "finetune"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    kinit, binit, *_ = _inits(self.init_style)
+    x = nn.Dense(self.hidden, kernel_init=kinit, bias_init=binit(d), dtype=self.dtype, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)  # exact erf GELU, as torch nn.GELU
+    return nn.Dense(d, kernel_init=kinit, bias_init=binit(self.hidden), dtype=self.dtype, name="fc2")(x)
+
+
+def drop_path(x: Array, rate: Array | float, rng: Array) -> Array:
+  """timm drop_path: drop whole samples, rescale survivors by 1/keep."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / jnp.maximum(keep, 1e-12), 0).astype(x.dtype)
+
+
+class Block(nn.Module):
+  """Pre-LN block: x + DropPath(gamma_1 * Attn(LN(x))), x + DropPath(gamma_2 * MLP(LN(x)))."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  init_values: float = 0.0  # 0 -> no layer scale
+  window: Optional[Sequence[int]] = None
+  use_drop_path: bool = False
+  init_style: str = "finetune"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, rel_pos_bias: Optional[Array] = None, drop_path_rate: Array | float = 0.0,
+               train: bool = False) -> Array:
+    d = x.shape[-1]
+    ln = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name=name)
+    branches = [
+        ("1", lambda y: Attention(self.num_heads, self.window, self.init_style, self.dtype, name="attn")(
+            y, rel_pos_bias)),
+        ("2", lambda y: Mlp(int(d * self.mlp_ratio), self.init_style, self.dtype, name="mlp")(y)),
+    ]
+    for i, fn in branches:
+      y = fn(ln(f"norm{i}")(x).astype(self.dtype)).astype(jnp.float32)
+      if self.init_values > 0:
+        y = y * self.param(f"gamma_{i}", nn.initializers.constant(self.init_values), (d,))
+      if train and self.use_drop_path:
+        y = drop_path(y, drop_path_rate, self.make_rng("dropout"))
+      x = x + y
+    return x
+
+
+class _ScanBlock(nn.Module):
+  """Adapter so that nn.scan can carry x and feed per-layer drop-path rates."""
+  block_kwargs: dict
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x, rate, rel_pos_bias):
+    x = Block(**self.block_kwargs, name="block")(x, rel_pos_bias, rate, self.train)
+    return x, x
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def run_blocks(x, name: str, depth: int, block_kwargs: dict, drop_path_rates: Sequence[float],
+               rel_pos_bias=None, train: bool = False, scan: bool = False, remat: str = "none"):
+  """Applies `depth` blocks inside the calling module's compact method.
+
+  Unrolled, the params are `{name}_i`; scanned, they are stacked under `{name}/block`.
+  Returns the final x and every block's output stacked, shape (depth, B, N, D).
+  """
+  rates = jnp.asarray(drop_path_rates, jnp.float32)
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+  policy = REMAT_POLICIES[remat]
+  if scan:
+    body = _ScanBlock if remat == "none" else nn.remat(_ScanBlock, policy=policy, prevent_cse=False)
+    scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(0, nn.broadcast), length=depth)
+    return scanned(block_kwargs, train, name=name)(x, rates, rel_pos_bias)
+  block_cls = Block if remat == "none" else nn.remat(Block, policy=policy, static_argnums=(4,))
+  hidden = []
+  for i in range(depth):
+    x = block_cls(**block_kwargs, name=f"{name}_{i}")(x, rel_pos_bias, rates[i], train)
+    hidden.append(x)
+  return x, jnp.stack(hidden)
+
+
+# ------------------------------------------------------------------------------------------------
+# Vision transformer
+# ------------------------------------------------------------------------------------------------
+class VisionTransformer(nn.Module):
+  """BEiT `VisionTransformer` (modeling_finetune) and the MIM/tokenizer variants.
+
+  rel_pos: "none" | "shared" (one table, `rel_pos_bias/...`) | "layer" (a table in every block).
+  final_norm: "norm" (LayerNorm on every token; CLS pooling), "fc_norm" (LayerNorm on the mean of the
+    patch tokens and, for the tokenizer, on each patch token) or "none" (the MIM model applies its own).
+  """
+  img_size: int = 224
+  patch_size: int = 16
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  num_classes: int = 0
+  use_abs_pos_emb: bool = False
+  rel_pos: str = "layer"
+  init_values: float = 0.1
+  drop_path_rate: float = 0.0
+  use_mask_token: bool = False
+  final_norm: str = "fc_norm"
+  init_style: str = "finetune"
+  head_init_scale: float = 1.0
+  dtype: Any = jnp.float32
+  scan: bool = False
+  remat: str = "none"
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return (self.img_size // self.patch_size,) * 2
+
+  def block_kwargs(self, init_style: Optional[str] = None) -> dict:
+    return dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, init_values=self.init_values,
+                window=self.grid if self.rel_pos == "layer" else None,
+                use_drop_path=self.drop_path_rate > 0, init_style=init_style or self.init_style,
+                dtype=self.dtype)
+
+  def embed(self, images: Array, mask: Optional[Array]) -> Array:
+    if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:
+      raise ValueError(f"image size {images.shape[1:3]} is not divisible by patch size {self.patch_size}")
+    *_, conv_k, conv_b, tok = _inits(self.init_style)
+    fan_in = images.shape[-1] * self.patch_size ** 2
+    x = nn.Conv(self.embed_dim, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
+                kernel_init=conv_k, bias_init=conv_b(fan_in), dtype=self.dtype,
+                name="patch_embed_proj")(images.astype(self.dtype))
+    b, gh, gw, d = x.shape
+    x = x.reshape(b, gh * gw, d).astype(jnp.float32)
+    if self.use_mask_token:
+      mask_token = self.param("mask_token", tok, (1, 1, d))
+      if mask is not None:
+        w = mask.reshape(b, gh * gw, 1).astype(x.dtype)
+        x = x * (1 - w) + mask_token * w
+    cls = self.param("cls_token", tok, (1, 1, d))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
+    if self.use_abs_pos_emb:
+      x = x + self.param("pos_embed", tok, (1, gh * gw + 1, d))
+    return x
+
+  @nn.compact
+  def __call__(self, images: Array, mask: Optional[Array] = None, train: bool = False) -> dict:
+    """images: (B, H, W, C) float. mask: optional (B, N) bool, True where [MASK] replaces the patch.
+
+    Returns a dict: `x` (B, N+1, D) last block output before any norm, `hidden` (depth, B, N+1, D) every
+    block's output, `rel_pos_bias` (the shared bias or None), and, by final_norm, `tokens` (normed tokens),
+    `patch_tokens`, `pooled` (the head input) and `logits` when num_classes > 0.
+    """
+    x = self.embed(images, mask)
+    rel_pos_bias = None
+    if self.rel_pos == "shared":
+      rel_pos_bias = RelativePositionBias(self.grid, self.num_heads, name="rel_pos_bias")()
+    elif self.rel_pos not in ("layer", "none"):
+      raise ValueError(f"rel_pos must be 'none', 'shared' or 'layer', got {self.rel_pos!r}")
+    rates = np.linspace(0, self.drop_path_rate, self.depth).tolist()
+    x, hidden = run_blocks(x, "blocks", self.depth, self.block_kwargs(), rates, rel_pos_bias, train,
+                           self.scan, self.remat)
+    out = {"x": x, "hidden": hidden, "rel_pos_bias": rel_pos_bias}
+    ln = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name=name)
+    if self.final_norm == "norm":
+      out["tokens"] = ln("norm")(x)
+      out["patch_tokens"] = out["tokens"][:, 1:]
+      out["pooled"] = out["tokens"][:, 0]
+    elif self.final_norm == "fc_norm":
+      fc_norm = ln("fc_norm")
+      out["pooled"] = fc_norm(x[:, 1:].mean(axis=1))
+      out["patch_tokens"] = fc_norm(x[:, 1:])
+    elif self.final_norm != "none":
+      raise ValueError(f"final_norm must be 'norm', 'fc_norm' or 'none', got {self.final_norm!r}")
+    if self.num_classes > 0:
+      scale = self.head_init_scale
+      kinit = lambda *a: trunc_normal(0.02)(*a) * scale
+      out["logits"] = nn.Dense(self.num_classes, kernel_init=kinit, name="head")(out["pooled"])
+    return out
+
+
+def rescale_init(params: dict, prefix_depth: Sequence[tuple[str, int]]) -> dict:
+  """The official `fix_init_weight`: divide block i's (1-based) attn.proj and mlp.fc2 kernels by sqrt(2i).
+
+  prefix_depth: (name, first_layer_id) pairs, e.g. [("blocks", 1)] or [("cls_pt_layers", early + 1)].
+  Works on unrolled (`blocks_i`) and scanned (`blocks/block`, stacked) trees.
+  """
+  params = jax.tree.map(lambda a: a, params)  # shallow copy of the nested dicts
+
+  def scale_block(block, factor):
+    block = dict(block)
+    for mod, sub in (("attn", "proj"), ("mlp", "fc2")):
+      m = dict(block[mod]); s = dict(m[sub])
+      k = s["kernel"]
+      f = jnp.asarray(factor, k.dtype).reshape((-1,) + (1,) * (k.ndim - 1)) if np.ndim(factor) else factor
+      s["kernel"] = k / f
+      m[sub] = s; block[mod] = m
+    return block
+
+  for name, first in prefix_depth:
+    if name in params and "block" in params[name]:  # scanned
+      n = params[name]["block"]["attn"]["proj"]["kernel"].shape[0]
+      factor = np.sqrt(2.0 * (np.arange(n) + first))
+      params[name] = {"block": scale_block(params[name]["block"], factor)}
+      continue
+    i = 0
+    while f"{name}_{i}" in params:
+      params[f"{name}_{i}"] = scale_block(params[f"{name}_{i}"], math.sqrt(2.0 * (i + first)))
+      i += 1
+  return params
