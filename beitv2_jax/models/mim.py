@@ -84,6 +84,10 @@ class BEiTForMIM(nn.Module):
     agg = self.logits(x, idx)
     return main, agg
 
+  def vit_module(self) -> VisionTransformer:
+    """The backbone as a standalone module (params: this model's `backbone` subtree)."""
+    return VisionTransformer(**self.backbone, dtype=self.dtype, scan=self.scan, remat=self.remat)
+
   def fix_init(self, params: dict) -> dict:
     params = dict(params)
     params["backbone"] = rescale_init(params["backbone"], [("blocks", 1)])

@@ -1,0 +1,32 @@
+# `make demo` and `make test` create .venv and install everything they need on a machine with python3.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdirs/demo
+
+.PHONY: demo test install install-test benchmark clean
+
+$(VENV)/.base: setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.base
+install-test: $(VENV)/.test
+
+demo: $(VENV)/.base
+	$(PY) -m beitv2_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests
+
+benchmark: $(VENV)/.test
+	$(PY) benchmarks/train_step.py --size=tiny
+
+clean:
+	rm -rf $(VENV) workdirs

@@ -1,0 +1,391 @@
+"""`beitv2_jax.load`: one call for every checkpoint kind the project knows.
+
+  m = beitv2_jax.load(path, **overrides)
+  m.kind                       # "classifier" | "mim" | "tokenizer"
+  m.module, m.params, m.config
+  logits = m(images)           # classifier: float32 NHWC, ImageNet-normalised -> (B, num_classes)
+  main, agg = m(images, mask)  # mim: mask bool (B, N) row-major -> each (B, M, vocab) at masked positions
+  ids = m.encode(images01)     # tokenizer: float32 NHWC in [0, 1] -> int32 (B, N) row-major
+  feats = m.decode(ids)        # tokenizer: -> (B, N, teacher_dim) reconstructed teacher features
+  feats = m.features(images)   # any kind: the encoder's image features (see `features`)
+
+`path` may be: our workdir or checkpoint folder (what `python -m beitv2_jax.main` writes, or
+`python -m beitv2_jax.convert`), an official .pth (tokenizer `vqkd_*.pth`, pretraining `*_pt1k*.pth`,
+fine-tuned), or a timm `beitv2_*` .pth / .safetensors. The architecture is read from the keys and shapes
+(head dim 64 unless `num_heads=` is given); `overrides` change VisionTransformer fields (e.g. `dtype`,
+`drop_path_rate`, `scan`) or force `kind="classifier"` (with `num_classes=`) on a MIM checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from beitv2_jax import convert
+from beitv2_jax.models import quantizer
+from beitv2_jax.models.mim import BEiTForMIM
+from beitv2_jax.models.vit import VisionTransformer
+from beitv2_jax.models.vqkd import VQKD
+
+KINDS = ("classifier", "mim", "tokenizer")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Model:
+  kind: str
+  module: Any
+  params: Any
+  config: dict
+  codebook: Optional[Any] = None  # tokenizer: (K, D) unit code vectors
+  source: str = ""
+
+  # ---- classifier / mim -------------------------------------------------------------------------
+  def __call__(self, images, mask=None):
+    images = jnp.asarray(images, jnp.float32)
+    if self.kind == "classifier":
+      return _jit_apply(self.module)(self.params, images)["logits"]
+    if self.kind == "mim":
+      if mask is None:
+        raise ValueError("a mim model needs a mask: m(images, mask) with mask bool (B, N)")
+      mask = np.asarray(mask, bool)
+      counts = mask.reshape(mask.shape[0], -1).sum(1)
+      if len(set(counts.tolist())) != 1:
+        raise ValueError(f"every image needs the same number of masked patches, got {sorted(set(counts))}")
+      return _jit_mim(self.module, int(counts[0]))(self.params, images, jnp.asarray(mask.reshape(len(mask), -1)))
+    raise TypeError("a tokenizer is called with m.encode(images01) / m.decode(ids)")
+
+  # ---- tokenizer --------------------------------------------------------------------------------
+  def encode(self, images01):
+    self._need("tokenizer")
+    return _jit_encode(self.module)(self.params, self.codebook, jnp.asarray(images01, jnp.float32))
+
+  def decode(self, ids):
+    self._need("tokenizer")
+    return _jit_decode(self.module)(self.params, self.codebook, jnp.asarray(ids, jnp.int32))
+
+  def features(self, images, layer: int = -1, pool: str = "cls"):
+    """Frozen features for probing: the [CLS] token after the final norm (pool='cls', what patch
+    aggregation trains), or the mean of the patch tokens (pool='mean'), at `layer` (-1: last block;
+    k: the output of block k, 1-based, still through the final norm). Tokenizer: its encoder, images in
+    [0, 1] (the tokenizer's own convention); other kinds take ImageNet-normalised images."""
+    return encoder_features(self, jnp.asarray(images, jnp.float32), layer, pool)
+
+  def _need(self, kind):
+    if self.kind != kind:
+      raise TypeError(f"this is a {self.kind} model, not a {kind}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Cached jitted applies (one compile per module and shape)
+# ------------------------------------------------------------------------------------------------
+_CACHE: dict = {}
+
+
+def _cached(key, make, module):
+  """Keyed by id(module); the entry keeps the module, so a recycled id is never mistaken for it."""
+  entry = _CACHE.get(key)
+  if entry is None or entry[0] is not module:
+    entry = _CACHE[key] = (module, make())
+  return entry[1]
+
+
+def _jit_apply(module):
+  return _cached(("apply", id(module)), lambda: jax.jit(lambda p, x: module.apply({"params": p}, x)), module)
+
+
+def _jit_mim(module, m):
+  return _cached(("mim", id(module), m),
+                 lambda: jax.jit(lambda p, x, mask: module.apply({"params": p}, x, mask, m)), module)
+
+
+def _jit_encode(module):
+  def enc(p, cb, x):
+    return quantizer.nearest_code(cb, module.apply({"params": p}, x, method=VQKD.encode))
+  return _cached(("enc", id(module)), lambda: jax.jit(enc), module)
+
+
+def _jit_decode(module):
+  def dec(p, cb, ids):
+    return module.apply({"params": p}, cb[ids], method=VQKD.decode)
+  return _cached(("dec", id(module)), lambda: jax.jit(dec), module)
+
+
+def feature_fn(model: Model, layer: int = -1, pool: str = "cls"):
+  """(f, params): a pure f(params, images) -> (B, D) features of `model`'s encoder (see Model.features).
+  Tokenizers take [0, 1] images; the other kinds ImageNet-normalised ones."""
+  import flax.linen as nn
+  from beitv2_jax.models.vit import LN_EPS
+  if pool not in ("cls", "mean"):
+    raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+  if model.kind == "tokenizer":
+    from beitv2_jax.models.vqkd import preprocess
+    vit = VisionTransformer(**model.module.encoder, dtype=model.module.dtype)
+    params, norm_name, prep = model.params["encoder"], "fc_norm", preprocess
+  elif model.kind == "mim":
+    vit, params, norm_name, prep = model.module.vit_module(), model.params, "norm", None
+  else:
+    vit, params, prep = model.module, model.params, None
+    norm_name = "norm" if vit.final_norm == "norm" else "fc_norm"
+  if layer != -1 and not 1 <= layer <= vit.depth:
+    raise ValueError(f"layer={layer} is outside [1, {vit.depth}] (or -1 for the last block)")
+
+  def f(p, images):
+    x = prep(images) if prep is not None else images
+    backbone = p["backbone"] if model.kind == "mim" else p
+    out = vit.apply({"params": backbone}, x)
+    h = out["x"] if layer == -1 else out["hidden"][layer - 1]
+    norm_p = p[norm_name] if model.kind == "mim" else backbone[norm_name]
+    normed = nn.LayerNorm(epsilon=LN_EPS).apply({"params": norm_p}, h if pool == "cls" else h[:, 1:].mean(1))
+    return (normed[:, 0] if pool == "cls" else normed).astype(jnp.float32)
+
+  return f, params
+
+
+def encoder_features(model: Model, images, layer: int = -1, pool: str = "cls"):
+  f, params = feature_fn(model, layer, pool)
+  key = ("feat", model.kind, id(model.module), layer, pool)
+  return _cached(key, lambda: jax.jit(f), model.module)(params, images)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building modules from a stored description
+# ------------------------------------------------------------------------------------------------
+def build_module(kind: str, model_cfg: dict, dtype: str | Any = "float32"):
+  dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+  cfg = dict(model_cfg)
+  if kind == "classifier":
+    return VisionTransformer(**{k: v for k, v in cfg.items() if k != "dtype"}, dtype=dtype)
+  if kind == "mim":
+    return BEiTForMIM(**{k: v for k, v in cfg.items() if k != "dtype"}, dtype=dtype)
+  if kind == "tokenizer":
+    return VQKD(**{k: v for k, v in cfg.items() if k != "dtype"}, dtype=dtype)
+  raise ValueError(f"unknown model kind {kind!r}: expected one of {KINDS}")
+
+
+def _template(module, kind: str):
+  if kind == "tokenizer":
+    s = module.encoder["img_size"]
+    x = jnp.zeros((1, s, s, 3))
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), x))["params"]
+  if kind == "mim":
+    s, n = module.backbone["img_size"], (module.backbone["img_size"] // module.backbone["patch_size"]) ** 2
+    mask = jnp.zeros((1, n), bool).at[:, :1].set(True)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, s, s, 3)), mask, 1))["params"]
+  s = module.img_size
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, s, s, 3))))["params"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+def load(path: str, kind: Optional[str] = None, dtype: str = "float32", **overrides) -> Model:
+  """See the module docstring."""
+  if kind is not None and kind not in KINDS:
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no checkpoint at {path}")
+  if os.path.isdir(path):
+    return _load_ours(path, kind, dtype, overrides)
+  return _load_state_dict(path, convert.read_state_dict(path), kind, dtype, overrides)
+
+
+def _find_run_dir(path: str) -> tuple[str, str, Optional[int]]:
+  """-> (folder with config.json, checkpoints folder, step or None for the latest)."""
+  path = os.path.abspath(path)
+  if os.path.exists(os.path.join(path, "config.json")):
+    return path, os.path.join(path, "checkpoints"), None
+  parent = os.path.dirname(path)  # WORKDIR/checkpoints/<step>
+  if os.path.basename(path).isdigit() and os.path.exists(os.path.join(os.path.dirname(parent), "config.json")):
+    return os.path.dirname(parent), parent, int(os.path.basename(path))
+  raise FileNotFoundError(f"{path} is neither a workdir (with config.json) nor WORKDIR/checkpoints/<step>")
+
+
+def _load_ours(path: str, kind, dtype, overrides) -> Model:
+  from beitv2_jax import checkpoint
+  run_dir, ckpt_dir, step = _find_run_dir(path)
+  with open(os.path.join(run_dir, "config.json")) as f:
+    info = json.load(f)
+  if "kind" not in info:
+    raise ValueError(f"{run_dir}/config.json names no model kind: not a model checkpoint")
+  stored_kind, model_cfg = info["kind"], dict(info["model"])
+  _, state = checkpoint.restore_state_tree(ckpt_dir, step)
+  params = state["params"]
+  codebook = None
+  if stored_kind == "tokenizer":
+    codebook = np.asarray(state["extra"]["embedding"])
+  if stored_kind == "classifier" and "backbone" in params and "head" not in params:
+    params = params["backbone"]  # a linear probe's frozen encoder: not expected, kept simple
+  model = _finish(stored_kind, model_cfg, params, codebook, dtype, overrides, source=path)
+  if kind and kind != model.kind:
+    return convert_kind(model, kind, **overrides)
+  return model
+
+
+def _finish(kind, model_cfg, params, codebook, dtype, overrides, source) -> Model:
+  if kind in ("classifier",):
+    model_cfg.update(overrides)
+  elif kind == "mim":
+    backbone = dict(model_cfg["backbone"])
+    backbone.update({k: v for k, v in overrides.items() if k not in ("scan", "remat")})
+    model_cfg["backbone"] = backbone
+    model_cfg.update({k: v for k, v in overrides.items() if k in ("scan", "remat")})
+  module = build_module(kind, model_cfg, dtype)
+  template = _template(module, kind)
+  params = _relayout(params, template)
+  return Model(kind, module, params, model_cfg, codebook, source)
+
+
+def _relayout(params, template):
+  """Scanned <-> unrolled as the target module wants; checks every shape."""
+  sd = convert.to_state_dict(params)
+  return jax.tree.map(jnp.asarray, convert.from_state_dict(sd, template, what="checkpoint"))
+
+
+def _load_state_dict(path: str, sd: dict, kind, dtype, overrides) -> Model:
+  sd = {k: v for k, v in sd.items() if not k.startswith(("teacher_model.", "scaling_layer.", "loss"))}
+  if "quantize.embedding.weight" in sd:
+    detected = "tokenizer"
+  elif "lm_head.weight" in sd:
+    detected = "mim"
+  else:
+    detected = "classifier"
+  heads = overrides.pop("num_heads", None)
+  if detected == "tokenizer":
+    enc = convert.infer_vit_config(sd, "encoder.")
+    dec = convert.infer_vit_config(sd, "decoder.")
+    for c in (enc, dec):
+      c.update(rel_pos="none", init_values=0.0, final_norm="fc_norm", init_style="finetune")
+      c.pop("num_classes"); c.pop("use_mask_token")
+      if heads:
+        c["num_heads"] = heads
+    cb = sd["quantize.embedding.weight"]
+    model_cfg = dict(encoder=enc, decoder=dec, codebook_size=cb.shape[0], codebook_dim=cb.shape[1],
+                     teacher_dim=sd["decode_task_layer.2.weight"].shape[0])
+    module = build_module("tokenizer", model_cfg, dtype)
+    skip = (r"^quantize\.",)
+    params = convert.from_state_dict(sd, _template(module, "tokenizer"), ignore=skip, what=path)
+    model = Model("tokenizer", module, jax.tree.map(jnp.asarray, params), model_cfg, np.asarray(cb, np.float32), path)
+  elif detected == "mim":
+    b = convert.infer_vit_config(sd)
+    b.update(final_norm="none", init_style="pretrain", num_classes=0)
+    if heads:
+      b["num_heads"] = heads
+    early = _infer_early_layers(sd, b["depth"])
+    model_cfg = dict(backbone=b, vocab_size=sd["lm_head.weight"].shape[0], early_layers=early,
+                     head_layers=1 + max([int(k.split(".")[1]) for k in sd if k.startswith("cls_pt_layers.")] or [1]))
+    if not any(k.startswith("cls_pt_layers.") for k in sd):
+      raise ValueError(f"{path}: an MIM checkpoint without cls_pt_layers (BEiT v1?) is not supported")
+    model = _finish("mim", model_cfg, _params_from_sd(sd, "mim", model_cfg, dtype, path), None, dtype,
+                    dict(overrides), path)
+  else:
+    cfg = convert.infer_vit_config(sd)
+    if heads:
+      cfg["num_heads"] = heads
+    model_cfg = dict(cfg)
+    model = _finish("classifier", model_cfg, _params_from_sd(sd, "classifier", model_cfg, dtype, path), None,
+                    dtype, dict(overrides), path)
+  if kind and kind != model.kind:
+    return convert_kind(model, kind, **overrides)
+  return model
+
+
+def _params_from_sd(sd, kind, model_cfg, dtype, path):
+  module = build_module(kind, model_cfg, dtype)
+  strip = "backbone" if kind == "mim" else ""
+  return convert.from_state_dict(sd, _template(module, kind), strip=strip, what=path)
+
+
+def _infer_early_layers(sd, depth) -> int:
+  # Not stored in the official checkpoint: the registered models use 9 (base, depth 12), 21 (large, 24).
+  return {12: 9, 24: 21}.get(depth, max(1, depth - 3))
+
+
+def convert_kind(model: Model, kind: str, num_classes: int = 0, **overrides) -> Model:
+  """A MIM (or tokenizer) model -> a classifier with the same encoder: the shared rel-pos table copied into
+  every block (run_class_finetuning.py), pos-emb / rel-pos resized when img_size changes, a fresh
+  fc_norm and head (mean pooling) unless final_norm='norm' (CLS pooling with the pretrained norm)."""
+  if kind != "classifier":
+    raise ValueError(f"cannot turn a {model.kind} checkpoint into a {kind}")
+  if model.kind == "classifier":
+    return model
+  if model.kind == "mim":
+    sd = convert.to_state_dict(model.params, strip="backbone")
+    base_cfg = dict(model.config["backbone"])
+  else:  # tokenizer encoder
+    sd = {k[len("encoder."):]: v for k, v in convert.to_state_dict(model.params).items() if k.startswith("encoder.")}
+    base_cfg = dict(model.module.encoder)
+  cfg = dict(base_cfg, rel_pos="layer" if base_cfg.get("rel_pos") != "none" else "none", use_mask_token=False,
+             final_norm=overrides.pop("final_norm", "fc_norm"), init_style="finetune", num_classes=num_classes)
+  cfg.update(overrides)
+  module = build_module("classifier", cfg, model.module.dtype)
+  template = _template(module, "classifier")
+  init = module.init(jax.random.key(0), jnp.zeros((1, cfg["img_size"], cfg["img_size"], 3)))["params"]
+  fresh = convert.to_state_dict(init)
+  sd = classifier_state_dict(sd, cfg, fresh)
+  params = convert.from_state_dict(sd, template, ignore=(r"^mask_token$", r"^lm_head\.", r"^cls_pt_layers\."),
+                                   what=f"{model.source} as a classifier")
+  return Model("classifier", module, jax.tree.map(jnp.asarray, params), cfg, None, model.source)
+
+
+def classifier_state_dict(sd: dict, cfg: dict, fresh: dict) -> dict:
+  """Official/our pretrained encoder keys -> the keys a classifier of `cfg` needs (fresh init from
+  `fresh` for what the checkpoint lacks: fc_norm, head, and norm when pooling by mean)."""
+  sd = convert.broadcast_shared_rel_pos(sd, cfg["depth"])
+  grid = (cfg["img_size"] // cfg["patch_size"],) * 2
+  out = {}
+  for k, v in sd.items():
+    if k.endswith("relative_position_bias_table"):
+      v = convert.resize_rel_pos_table(v, grid)
+    elif k == "pos_embed":
+      v = convert.resize_pos_embed(v, grid)
+    out[k] = v
+  for k, v in fresh.items():
+    if k.startswith(("head.", "fc_norm.")) or k not in out:
+      out[k] = v
+  if cfg.get("final_norm") == "fc_norm":
+    out.pop("norm.weight", None); out.pop("norm.bias", None)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving / exporting
+# ------------------------------------------------------------------------------------------------
+def save_model(model: Model, directory: str) -> None:
+  """Writes a folder that `load` reads: config.json + an orbax checkpoint of the params (+ codebook)."""
+  from beitv2_jax import checkpoint
+  os.makedirs(directory, exist_ok=True)
+  checkpoint.write_json(os.path.join(directory, "config.json"),
+                        {"task": "convert", "kind": model.kind, "model": model.config, "source": model.source})
+  extra = None if model.codebook is None else {"embedding": jnp.asarray(model.codebook)}
+  state = {"params": model.params, "extra": extra} if extra is not None else {"params": model.params}
+  ck = checkpoint.Checkpointer(os.path.join(directory, "checkpoints"), async_save=False)
+  ck.save(0, state)
+  ck.close()
+
+
+def export_state_dict(model: Model, path: str) -> dict:
+  """Our params -> the official / timm key layout, written to .safetensors or .pth (torch). Classifiers
+  load into timm.create_model('beitv2_base_patch16_224'); MIM models give the official pretraining
+  layout (shared rel_pos_bias, cls_pt_layers, lm_head); tokenizers the vqkd_*.pth layout."""
+  if model.kind == "mim":
+    sd = convert.to_state_dict(model.params, strip="backbone")
+  else:
+    sd = convert.to_state_dict(model.params)
+  if model.kind == "tokenizer":
+    sd["quantize.embedding.weight"] = np.asarray(model.codebook, np.float32)
+    sd["quantize.embedding.initted"] = np.ones((1,), np.float32)  # never re-run k-means on load
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import save_file
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, path)
+  elif path.endswith((".pth", ".pt", ".bin")):
+    import torch
+    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}}, path)
+  elif path:
+    raise ValueError(f"export path must end in .safetensors or .pth, got {path}")
+  return sd

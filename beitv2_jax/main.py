@@ -1,0 +1,81 @@
+"""Entry point: python -m beitv2_jax.main --config=configs/<recipe>.py[:arg] --workdir=DIR [--config.x=y]
+
+Dispatches on config.task: tokenizer | pretrain | finetune | linprobe | knn | demo. The same --workdir
+resumes a run from its last checkpoint with no other flag.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl, TensorBoard events and pictures go.")
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError, ImportError)
+
+
+def get_task_class(name: str):
+  from beitv2_jax.train import finetune, pretrain, tokenizer
+  tasks = {"tokenizer": tokenizer.TokenizerTask, "pretrain": pretrain.PretrainTask,
+           "finetune": finetune.FinetuneTask, "linprobe": finetune.LinearProbeTask}
+  if name not in tasks:
+    raise ValueError(f"unknown task {name!r}: expected one of {sorted(tasks) + ['knn', 'demo']}")
+  return tasks[name]
+
+
+def run(config, workdir: str):
+  """Runs one config in-process (used by main and by the tests). Returns the task's result dict."""
+  from beitv2_jax import parallel
+  from beitv2_jax.config_defaults import TASKS
+  if config.task not in TASKS:
+    raise ValueError(f"unknown task {config.task!r}: expected one of {list(TASKS)}")
+  for field in ("seed", "batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps"):
+    if field not in config:
+      raise ValueError(f"config has no field '{field}' (every task config needs it)")
+  if config.batch_size <= 0 or config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
+    raise ValueError("batch_size, log_every_steps and checkpoint_every_steps must be positive")
+  d = config.distributed
+  parallel.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+  if config.task == "demo":
+    from beitv2_jax import demo
+    return demo.run(config, workdir)
+  if config.task == "knn":
+    from beitv2_jax.train import knn
+    return knn.run(config, workdir)
+  from beitv2_jax.train import loop
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  task = get_task_class(config.task)(config, workdir, mesh)
+  state, metrics = loop.run(task)
+  return metrics
+
+
+def main(argv):
+  del argv
+  from absl import logging as absl_logging
+  if not flags.FLAGS["verbosity"].present:  # orbax and grain are chatty at INFO
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if config is None:
+    sys.exit("error: --config is required, e.g. --config=configs/demo.py")
+  if not workdir:
+    workdir = os.path.join("workdirs", config.task)
+    print(f"no --workdir given: using {workdir}", flush=True)
+  try:
+    run(config, workdir)
+  except USER_ERRORS as e:
+    msg = str(e).strip() or type(e).__name__
+    sys.exit(f"error: {type(e).__name__}: {msg}")
+  except Exception as e:  # NonFiniteError and friends: one clear line, then non-zero exit
+    from beitv2_jax.train.loop import NonFiniteError
+    if isinstance(e, NonFiniteError):
+      sys.exit(f"error: {e}")
+    raise
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,295 @@
+"""Tasks `finetune` (spec §4.1) and `linprobe` (§4.2): classifiers on a pretrained encoder.
+
+The encoder comes from `config.init_from`: anything `beitv2_jax.load` reads (our pretrain / tokenizer /
+finetune workdir, an official or timm file); empty means random init of `config.model`.
+"""
+from __future__ import annotations
+
+import logging
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from beitv2_jax import api, flops, parallel
+from beitv2_jax.data import pipeline, sources, transforms
+from beitv2_jax.models.vit import VisionTransformer
+from beitv2_jax.train import optim
+from beitv2_jax.train.loop import Task, TrainState
+from beitv2_jax.train.pretrain import imagenet_normalize
+from beitv2_jax.train.tokenizer import dtype_of
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixup / CutMix (timm Mixup, mode='batch'), on the device
+# ------------------------------------------------------------------------------------------------
+def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+  off = smoothing / num_classes
+  return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + off
+
+
+def mixup_cutmix(rng, images, labels, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0,
+                 switch_prob=0.5, smoothing=0.1):
+  """One lambda per batch; the batch is mixed with itself reversed; CutMix with probability switch_prob
+  (lambda corrected to the pasted area); soft targets with label smoothing. Returns (images, targets)."""
+  k_apply, k_switch, k_mix, k_cut, k_box = jax.random.split(rng, 5)
+  b, h, w, _ = images.shape
+  use_cutmix = jax.random.uniform(k_switch) < switch_prob if mixup_alpha > 0 and cutmix_alpha > 0 else (
+      jnp.asarray(cutmix_alpha > 0))
+  lam_mix = jax.random.beta(k_mix, max(mixup_alpha, 1e-6), max(mixup_alpha, 1e-6))
+  lam_cut = jax.random.beta(k_cut, max(cutmix_alpha, 1e-6), max(cutmix_alpha, 1e-6))
+  lam = jnp.where(use_cutmix, lam_cut, lam_mix)
+  apply = jax.random.uniform(k_apply) < prob
+  lam = jnp.where(apply, lam, 1.0)
+  # CutMix box (timm rand_bbox): size from sqrt(1 - lam), centre uniform, clipped.
+  ratio = jnp.sqrt(1.0 - lam)
+  ch, cw = (h * ratio).astype(jnp.int32), (w * ratio).astype(jnp.int32)
+  cy = jax.random.randint(k_box, (), 0, h)
+  cx = jax.random.randint(jax.random.fold_in(k_box, 1), (), 0, w)
+  y0, y1 = jnp.clip(cy - ch // 2, 0, h), jnp.clip(cy + ch // 2, 0, h)
+  x0, x1 = jnp.clip(cx - cw // 2, 0, w), jnp.clip(cx + cw // 2, 0, w)
+  ys, xs = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+  box = ((ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1))[None, :, :, None]
+  flipped = images[::-1]
+  cut_images = jnp.where(box, flipped, images)
+  lam_cut_corrected = 1.0 - ((y1 - y0) * (x1 - x0)) / (h * w)
+  mixed = lam * images + (1.0 - lam) * flipped
+  use_cut = use_cutmix & apply
+  images = jnp.where(use_cut, cut_images, mixed)
+  lam = jnp.where(use_cut, lam_cut_corrected, lam)
+  y = smooth_one_hot(labels, num_classes, smoothing)
+  return images, lam * y + (1.0 - lam) * y[::-1]
+
+
+def apply_random_erasing(rng, images, erase):
+  """Fill the boxes marked by the host (timm RandomErasing, mode 'pixel') with N(0, 1) noise."""
+  noise = jax.random.normal(rng, images.shape, images.dtype)
+  return jnp.where(erase[..., None].astype(bool), noise, images)
+
+
+def topk_correct(logits, labels, ks=(1, 5)):
+  order = jnp.argsort(-logits, axis=-1)
+  return [jnp.any(order[:, :k] == labels[:, None], axis=-1).astype(jnp.float32) for k in ks]
+
+
+# ------------------------------------------------------------------------------------------------
+class _ClassifierTask(Task):
+  """Shared: data, evaluation, schedule."""
+
+  def __init__(self, config, workdir, mesh):
+    super().__init__(config, workdir, mesh)
+    self.num_classes = config.get("num_classes", 0) or self.train_source.num_classes
+    o = config.optim
+    lr = o.lr * config.batch_size / 256 if o.get("scale_lr_by_batch", False) else o.lr
+    self.schedule = optim.warmup_cosine(lr, self.total_steps, self.warmup_steps, o.min_lr)
+
+  def evaluate(self, state) -> dict:
+    c = self.config
+    split = c.data.get("eval_split", "")
+    if not split:
+      return {}
+    source = sources.make_source(c.data.name, split)
+    eval_fn = jax.jit(self._eval_batch)
+    frozen = jax.device_put(self.frozen, parallel.replicated(self.mesh))
+    sums = np.zeros(3)
+    for local in pipeline.eval_batches(source, transforms.EvalTransform(c.model.img_size, c.get("crop_pct", 0.875)),
+                                       c.batch_size):
+      local.pop("bad", None)
+      sums += np.asarray(jax.device_get(eval_fn(state, parallel.to_global(local, self.mesh), frozen)))
+    return {"top1": sums[0] / max(sums[2], 1), "top5": sums[1] / max(sums[2], 1)}
+
+  def _eval_batch(self, state, batch, frozen):
+    logits = self.logits(state, batch, frozen, train=False)
+    w = batch["valid"].astype(jnp.float32)
+    top1, top5 = topk_correct(logits, batch["label"], (1, min(5, self.num_classes)))
+    return jnp.stack([jnp.sum(top1 * w), jnp.sum(top5 * w), jnp.sum(w)])
+
+
+class FinetuneTask(_ClassifierTask):
+  name = "finetune"
+
+  def __init__(self, config, workdir, mesh):
+    super().__init__(config, workdir, mesh)
+    m = config.model
+    self.init_model = None
+    overrides = dict(drop_path_rate=m.drop_path_rate, img_size=m.img_size, num_classes=self.num_classes,
+                     final_norm="norm" if m.use_cls else "fc_norm", head_init_scale=m.head_init_scale,
+                     scan=m.scan, remat=m.remat)
+    if config.init_from:
+      loaded = api.load(config.init_from)
+      if loaded.kind == "classifier":  # a fine-tuned checkpoint: re-head if the class count differs
+        self.init_model = _reclassify(loaded, overrides)
+      else:
+        self.init_model = api.convert_kind(loaded, "classifier", **overrides)
+      self.kwargs = dict(self.init_model.config)
+    else:
+      self.kwargs = dict(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
+                         num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, use_abs_pos_emb=False, rel_pos="layer",
+                         init_values=m.init_values, init_style="finetune", **overrides)
+    self.kwargs.pop("scan", None); self.kwargs.pop("remat", None)
+    self.model = VisionTransformer(**self.kwargs, dtype=dtype_of(m.dtype), scan=m.scan, remat=m.remat)
+    self.flops_per_example = 3 * flops.vit_forward_flops(m.img_size, self.kwargs["patch_size"],
+                                                         self.kwargs["embed_dim"], self.kwargs["depth"],
+                                                         self.kwargs["mlp_ratio"])
+
+  def train_transform(self):
+    a = self.config.aug
+    return transforms.FinetuneTrain(self.config.model.img_size, a.rand_augment_layers, a.rand_augment_magnitude,
+                                    a.reprob)
+
+  def tx(self, params):
+    o = self.config.optim
+    return optim.adamw(params, self.schedule, o.b1, o.b2, o.eps, o.weight_decay, clip_grad=o.clip_grad or None,
+                       layer_decay=o.layer_decay, depth=self.kwargs["depth"])
+
+  def init_state(self, rng):
+    k_init, k_state = jax.random.split(rng)
+    s = self.config.model.img_size
+    if self.init_model is not None:
+      params = api._relayout(self.init_model.params, jax.eval_shape(
+          lambda: self.model.init(k_init, jnp.zeros((1, s, s, 3)))["params"]))
+    else:
+      params = self.model.init(k_init, jnp.zeros((1, s, s, 3)))["params"]
+      from beitv2_jax.models.vit import rescale_init
+      params = rescale_init(params, [("blocks", 1)])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx(params).init(params),
+                      rng=k_state)
+
+  def model_info(self):
+    return {"kind": "classifier", "model": dict(self.kwargs, scan=self.config.model.scan)}
+
+  def logits(self, state, batch, frozen, train=False, rng=None, images=None):
+    x = imagenet_normalize(batch["image"]) if images is None else images
+    out = self.model.apply({"params": state.params if hasattr(state, "params") else state}, x, train=train,
+                           rngs={"dropout": rng} if rng is not None else {})
+    return out["logits"]
+
+  def train_step(self, state, batch, frozen):
+    a = self.config.aug
+    rng = jax.random.fold_in(state.rng, state.step)
+    k_erase, k_mix, k_drop = jax.random.split(rng, 3)
+    images = imagenet_normalize(batch["image"])
+    if "erase" in batch:
+      images = apply_random_erasing(k_erase, images, batch["erase"])
+    if a.mixup > 0 or a.cutmix > 0:
+      images, targets = mixup_cutmix(k_mix, images, batch["label"], self.num_classes, a.mixup, a.cutmix,
+                                     a.mixup_prob, a.mixup_switch_prob, a.label_smoothing)
+    else:
+      targets = smooth_one_hot(batch["label"], self.num_classes, a.label_smoothing)
+
+    def loss_fn(params):
+      logits = self.model.apply({"params": params}, images, train=True, rngs={"dropout": k_drop})["logits"]
+      return jnp.mean(optax.softmax_cross_entropy(logits, targets)), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = self.tx(state.params).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    acc = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
+    metrics = {"loss": loss, "train_acc": acc, "grad_norm": optax.global_norm(grads), "lr": self.schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def _reclassify(model: api.Model, overrides: dict) -> api.Model:
+  """A classifier checkpoint with a possibly different head / resolution / pooling."""
+  sd = api.convert.to_state_dict(model.params)
+  cfg = dict(model.config)
+  cfg.update(overrides)
+  module = api.build_module("classifier", cfg)
+  init = module.init(jax.random.key(0), jnp.zeros((1, cfg["img_size"], cfg["img_size"], 3)))["params"]
+  fresh = api.convert.to_state_dict(init)
+  if sd.get("head.weight") is not None and sd["head.weight"].shape == fresh["head.weight"].shape:
+    fresh = {k: v for k, v in fresh.items() if not k.startswith("head.")}
+    fresh.update({k: sd[k] for k in ("head.weight", "head.bias")})
+  sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+  sd = api.classifier_state_dict(sd, cfg, fresh)
+  params = api.convert.from_state_dict(sd, api._template(module, "classifier"), what=model.source)
+  return api.Model("classifier", module, jax.tree.map(jnp.asarray, params), cfg, None, model.source)
+
+
+# ------------------------------------------------------------------------------------------------
+class LinearProbeTask(_ClassifierTask):
+  """A linear classifier on frozen features (protocol in configs/linprobe_tiny.py's docstring).
+
+  Features: config.probe.layer (-1 = last block), config.probe.pool ('cls' after the final norm, the
+  default, or 'mean'), optionally a parameter-free BatchNorm (running statistics kept in the state)."""
+  name = "linprobe"
+
+  def __init__(self, config, workdir, mesh):
+    super().__init__(config, workdir, mesh)
+    p = config.probe
+    self.encoder = load_encoder(config)
+    self.feature, enc_params = api.feature_fn(self.encoder, p.layer, p.pool)
+    self.frozen = enc_params
+    self.is_tokenizer = self.encoder.kind == "tokenizer"
+    s = config.model.img_size
+    dim = jax.eval_shape(self.feature, enc_params, jnp.zeros((1, s, s, 3))).shape[-1]
+    self.dim = dim
+    self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(0.01))
+
+  def train_transform(self):
+    return transforms.TokenizerTrain(self.config.model.img_size)  # RandomResizedCrop + flip
+
+  def tx(self, params):
+    o = self.config.optim
+    return optim.adamw(params, self.schedule, o.b1, o.b2, o.eps, o.weight_decay)
+
+  def init_state(self, rng):
+    k_init, k_state = jax.random.split(rng)
+    params = self.head.init(k_init, jnp.zeros((1, self.dim)))["params"]
+    extra = {"mean": jnp.zeros((self.dim,)), "var": jnp.ones((self.dim,))}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx(params).init(params),
+                      rng=k_state, extra=extra)
+
+  def model_info(self):
+    return {"kind": "linprobe", "encoder": self.encoder.source or "random init",
+            "probe": self.config.probe.to_dict()}
+
+  def features(self, frozen, images_uint8):
+    x = images_uint8.astype(jnp.float32) / 255.0 if self.is_tokenizer else imagenet_normalize(images_uint8)
+    return jax.lax.stop_gradient(self.feature(frozen, x))
+
+  def _bn(self, feats, mean, var):
+    return (feats - mean) / jnp.sqrt(var + 1e-6) if self.config.probe.batchnorm else feats
+
+  def logits(self, state, batch, frozen, train=False):
+    f = self._bn(self.features(frozen, batch["image"]), state.extra["mean"], state.extra["var"])
+    return self.head.apply({"params": state.params}, f)
+
+  def train_step(self, state, batch, frozen):
+    feats = self.features(frozen, batch["image"])
+    extra = state.extra
+    if self.config.probe.batchnorm:  # torch BatchNorm1d(affine=False): batch stats in training, EMA 0.1
+      mean, var = feats.mean(0), feats.var(0)
+      n = feats.shape[0]
+      extra = {"mean": 0.9 * extra["mean"] + 0.1 * mean, "var": 0.9 * extra["var"] + 0.1 * var * n / max(n - 1, 1)}
+      feats = self._bn(feats, mean, var)
+    labels = batch["label"]
+
+    def loss_fn(params):
+      logits = self.head.apply({"params": params}, feats)
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = self.tx(state.params).update(grads, state.opt_state, state.params)
+    metrics = {"loss": loss, "train_acc": jnp.mean(jnp.argmax(logits, -1) == labels),
+               "grad_norm": optax.global_norm(grads), "lr": self.schedule(state.step)}
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state, extra=extra), metrics
+
+
+def load_encoder(config) -> api.Model:
+  """config.init_from loaded, or a random-init classifier backbone of config.model (the baseline)."""
+  if config.init_from:
+    return api.load(config.init_from)
+  m = config.model
+  cfg = dict(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
+             num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, use_abs_pos_emb=False, rel_pos="shared",
+             init_values=m.get("init_values", 0.1), use_mask_token=False, final_norm="norm", init_style="pretrain")
+  module = VisionTransformer(**cfg)
+  s = m.img_size
+  params = module.init(jax.random.key(config.seed), jnp.zeros((1, s, s, 3)))["params"]
+  from beitv2_jax.models.vit import rescale_init
+  logging.info("init_from is empty: probing a randomly initialised encoder")
+  return api.Model("classifier", module, rescale_init(params, [("blocks", 1)]), cfg, None, "")

@@ -1,0 +1,178 @@
+"""Task `pretrain`: BEiT v2 masked image modeling on the codes of a frozen VQ-KD tokenizer (spec §3)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from beitv2_jax import api, flops, parallel
+from beitv2_jax.data import pipeline, sources, transforms
+from beitv2_jax.data.masking import MaskingGenerator
+from beitv2_jax.models import quantizer
+from beitv2_jax.models.mim import BEiTForMIM, backbone_defaults, masked_positions
+from beitv2_jax.models.vqkd import VQKD
+from beitv2_jax.train import optim
+from beitv2_jax.train.loop import Task, TrainState
+from beitv2_jax.train.tokenizer import dtype_of
+
+IMAGENET_MEAN = jnp.asarray(transforms.IMAGENET_MEAN)
+IMAGENET_STD = jnp.asarray(transforms.IMAGENET_STD)
+
+
+def imagenet_normalize(images_uint8: jax.Array) -> jax.Array:
+  """ToTensor + Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), on the device."""
+  return (images_uint8.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+class MIMEval:
+  """Resize + centre crop for both views, and a block mask seeded by the example index."""
+
+  def __init__(self, size: int, second_size: int, mask_generator):
+    self.view, self.view2, self.mask_generator = (transforms.EvalTransform(size), transforms.EvalTransform(second_size),
+                                                  mask_generator)
+
+  def __call__(self, im, rng):
+    return {"image": self.view(im, rng)["image"], "tokenizer_image": self.view2(im, rng)["image"],
+            "mask": self.mask_generator(rng).reshape(-1).astype(bool)}
+
+
+def load_or_train_tokenizer(config, workdir: str) -> api.Model:
+  """config.tokenizer_path, or (when empty) the tokenizer trained by config.tokenizer into
+  WORKDIR/tokenizer first (resumable like any run)."""
+  path = config.get("tokenizer_path", "")
+  if not path:
+    if "tokenizer" not in config or config.tokenizer is None:
+      raise ValueError("config.tokenizer_path is empty and the config has no `tokenizer` sub-config to "
+                       "train one: point tokenizer_path at a tokenizer workdir or an official vqkd_*.pth")
+    from beitv2_jax.train import loop
+    from beitv2_jax.train.tokenizer import TokenizerTask
+    path = os.path.join(workdir, "tokenizer")
+    tok_config = config.tokenizer
+    print(f"[pretrain] no tokenizer_path: training the tokenizer of config.tokenizer into {path}", flush=True)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    loop.run(TokenizerTask(tok_config, path, mesh))
+  model = api.load(path, dtype=config.get("tokenizer_dtype", "float32"))
+  if model.kind != "tokenizer":
+    raise ValueError(f"tokenizer_path {path} holds a {model.kind} checkpoint, not a tokenizer")
+  return model
+
+
+class PretrainTask(Task):
+  name = "pretrain"
+
+  def __init__(self, config, workdir, mesh):
+    super().__init__(config, workdir, mesh)
+    m = config.model
+    self.tokenizer = load_or_train_tokenizer(config, workdir)
+    tok_enc = self.tokenizer.module.encoder
+    grid = m.img_size // m.patch_size
+    tok_grid = tok_enc["img_size"] // tok_enc["patch_size"]
+    if grid != tok_grid:
+      raise ValueError(f"the student's {grid}x{grid} patch grid does not match the tokenizer's "
+                       f"{tok_grid}x{tok_grid}: every patch needs one code")
+    self.second_size = tok_enc["img_size"]
+    self.mask_generator = MaskingGenerator.from_ratio((grid, grid), m.mask_ratio, m.get("min_mask_patches", None))
+    self.num_masked = self.mask_generator.num_masking_patches
+    self.kwargs = dict(
+        backbone=backbone_defaults(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim,
+                                   depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+                                   init_values=m.init_values, drop_path_rate=m.drop_path_rate),
+        vocab_size=self.tokenizer.module.codebook_size, early_layers=m.early_layers, head_layers=m.head_layers,
+        agg_init_style=m.get("agg_init_style", "torch"))
+    self.model = BEiTForMIM(**self.kwargs, dtype=dtype_of(m.dtype), scan=m.scan, remat=m.remat)
+    o = config.optim
+    self.schedule = optim.warmup_cosine(o.lr, self.total_steps, self.warmup_steps, o.min_lr)
+    self.frozen = {"params": self.tokenizer.params, "codebook": jnp.asarray(self.tokenizer.codebook)}
+    n = grid * grid + 1
+    student = (flops.vit_forward_flops(m.img_size, m.patch_size, m.embed_dim, m.depth, m.mlp_ratio)
+               + m.head_layers * flops.block_forward_flops(n, m.embed_dim, m.mlp_ratio)
+               + 2 * flops.linear_flops(self.num_masked, m.embed_dim, self.kwargs["vocab_size"]))
+    tok = flops.vit_forward_flops(tok_enc["img_size"], tok_enc["patch_size"], tok_enc["embed_dim"],
+                                  tok_enc["depth"], tok_enc["mlp_ratio"])
+    self.flops_per_example = 3 * student + tok
+
+  def train_transform(self):
+    m = self.config.model
+    return transforms.MIMTrain(m.img_size, self.mask_generator, min_crop_scale=m.min_crop_scale,
+                               second_size=self.second_size, second_interpolation=m.second_interpolation)
+
+  def tx(self, params):
+    o = self.config.optim
+    return optim.adamw(params, self.schedule, o.b1, o.b2, o.eps, o.weight_decay, clip_grad=o.clip_grad or None)
+
+  def init_state(self, rng):
+    k_init, k_state = jax.random.split(rng)
+    s = self.config.model.img_size
+    mask = jnp.zeros((1, (s // self.config.model.patch_size) ** 2), bool).at[:, :self.num_masked].set(True)
+    params = self.model.init(k_init, jnp.zeros((1, s, s, 3)), mask, self.num_masked)["params"]
+    params = self.model.fix_init(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx(params).init(params),
+                      rng=k_state)
+
+  def model_info(self):
+    return {"kind": "mim", "model": dict(self.kwargs, scan=self.config.model.scan),
+            "tokenizer": self.tokenizer.source}
+
+  def targets(self, frozen, tokenizer_images_uint8):
+    """Code ids of every patch, (B, N), from the frozen tokenizer (encoder + nearest code only)."""
+    images01 = tokenizer_images_uint8.astype(jnp.float32) / 255.0
+    z = self.tokenizer.module.apply({"params": frozen["params"]}, images01, method=VQKD.encode)
+    return jax.lax.stop_gradient(quantizer.nearest_code(frozen["codebook"], z))
+
+  def losses(self, params, batch, frozen, train, rng=None):
+    ids = self.targets(frozen, batch["tokenizer_image"])
+    mask = batch["mask"]
+    labels = jnp.take_along_axis(ids, masked_positions(mask, self.num_masked), axis=1)
+    main, agg = self.model.apply({"params": params}, imagenet_normalize(batch["image"]), mask, self.num_masked,
+                                 train, rngs={"dropout": rng} if rng is not None else {})
+    ce1 = optax.softmax_cross_entropy_with_integer_labels(main, labels)
+    ce2 = optax.softmax_cross_entropy_with_integer_labels(agg, labels)
+    acc1 = (jnp.argmax(main, -1) == labels).astype(jnp.float32)
+    acc2 = (jnp.argmax(agg, -1) == labels).astype(jnp.float32)
+    return ce1, ce2, acc1, acc2, labels
+
+  def train_step(self, state, batch, frozen):
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      ce1, ce2, acc1, acc2, _ = self.losses(params, batch, frozen, True, rng)
+      loss1, loss2 = ce1.mean(), ce2.mean()
+      return loss1 + loss2, {"loss_1": loss1, "loss_2": loss2, "mlm_acc_1": acc1.mean(), "mlm_acc_2": acc2.mean()}
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = self.tx(state.params).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads), "lr": self.schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def evaluate(self, state) -> dict:
+    """MIM accuracy of both heads on the held-out split, and the majority-code baseline."""
+    c = self.config
+    split = c.data.get("eval_split", "")
+    if not split:
+      return {}
+    source = sources.make_source(c.data.name, split)
+    frozen = jax.device_put(self.frozen, parallel.replicated(self.mesh))
+
+    @jax.jit
+    def eval_fn(params, batch, frozen):
+      ce1, ce2, acc1, acc2, labels = self.losses(params, batch, frozen, False)
+      w = batch["valid"].astype(jnp.float32)[:, None]
+      return (jnp.sum(acc1 * w), jnp.sum(acc2 * w), jnp.sum(ce1 * w), jnp.sum(w) * labels.shape[1],
+              jnp.zeros((self.kwargs["vocab_size"],)).at[labels.reshape(-1)].add(jnp.repeat(w[:, 0], labels.shape[1])))
+
+    sums = np.zeros(4)
+    hist = np.zeros(self.kwargs["vocab_size"])
+    transform = MIMEval(c.model.img_size, self.second_size, self.mask_generator)
+    for local in pipeline.eval_batches(source, transform, c.batch_size, seed=c.seed):
+      local.pop("bad", None)
+      out = jax.device_get(eval_fn(state.params, parallel.to_global(local, self.mesh), frozen))
+      sums += np.array([float(x) for x in out[:4]])
+      hist += out[4]
+    n = max(sums[3], 1)
+    return {"eval_mlm_acc_1": sums[0] / n, "eval_mlm_acc_2": sums[1] / n, "eval_loss_1": sums[2] / n,
+            "eval_majority_code_acc": float(hist.max() / n)}

@@ -1,0 +1,175 @@
+"""Task `tokenizer`: train a VQ-KD tokenizer by distilling a frozen teacher (spec §1-2)."""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from beitv2_jax import flops, parallel
+from beitv2_jax.data import pipeline, sources, transforms
+from beitv2_jax.models import quantizer, teacher as teacher_lib
+from beitv2_jax.models.vqkd import VQKD, decoder_defaults, encoder_defaults
+from beitv2_jax.train import optim
+from beitv2_jax.train.loop import Task, TrainState
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str):
+  if name not in DTYPES:
+    raise ValueError(f"unknown dtype {name!r}: expected one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def vqkd_kwargs(m, teacher_dim: int) -> dict:
+  """VQKD constructor kwargs from a `config.model` ConfigDict."""
+  grid = m.img_size // m.patch_size
+  enc = encoder_defaults(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
+                         num_heads=m.num_heads, mlp_ratio=m.get("mlp_ratio", 4.0))
+  dec = decoder_defaults(grid, embed_dim=m.decoder_embed_dim, depth=m.decoder_depth,
+                         num_heads=m.decoder_num_heads, mlp_ratio=m.get("mlp_ratio", 4.0))
+  return dict(encoder=enc, decoder=dec, codebook_size=m.codebook_size, codebook_dim=m.codebook_dim,
+              teacher_dim=teacher_dim)
+
+
+def build_teacher(config) -> teacher_lib.Teacher:
+  """config.teacher: 'random' (an offline random CLIP, config.random_teacher sizes it), a hub id such
+  as openai/clip-vit-base-patch16, or a local transformers folder."""
+  m = config.model
+  dtype = dtype_of(config.get("teacher_dtype", "float32"))
+  if config.teacher == "random":
+    r = config.random_teacher
+    t = teacher_lib.random_teacher(m.img_size, m.patch_size, r.width, r.depth, r.heads, r.dim, seed=r.seed,
+                                   dtype=dtype)
+    logging.warning("teacher: %s -- its features carry no meaning; use a real CLIP for real tokenizers", t.source)
+    return t
+  t = teacher_lib.load_teacher(config.teacher, dtype=dtype)
+  if t.module.patch_size != m.patch_size or t.module.image_size != m.img_size:
+    raise ValueError(
+        f"teacher {config.teacher} has a {t.grid()}x{t.grid()} token grid ({t.module.image_size} px, patch "
+        f"{t.module.patch_size}) but the tokenizer has {m.img_size // m.patch_size}x{m.img_size // m.patch_size} "
+        f"({m.img_size} px, patch {m.patch_size}); the teacher sees the same image, so they must match")
+  return t
+
+
+def cosine_rec_loss(rec: jax.Array, target: jax.Array) -> jax.Array:
+  """mean over tokens of 1 - cos(rec, target) (rec_loss_type='cosine')."""
+  r = quantizer.l2norm(rec.astype(jnp.float32))
+  t = quantizer.l2norm(target.astype(jnp.float32))
+  return jnp.mean(1.0 - jnp.sum(r * t, axis=-1))
+
+
+class TokenizerTask(Task):
+  name = "tokenizer"
+
+  def __init__(self, config, workdir, mesh):
+    super().__init__(config, workdir, mesh)
+    m = config.model
+    if m.img_size % m.patch_size:
+      raise ValueError(f"model.img_size={m.img_size} is not divisible by model.patch_size={m.patch_size}")
+    self.teacher = build_teacher(config)
+    td = config.model.get("teacher_dim", 0)
+    if td and td != self.teacher.dim:
+      raise ValueError(f"model.teacher_dim={td} does not match the teacher's feature dim {self.teacher.dim} "
+                       f"({self.teacher.source})")
+    self.kwargs = vqkd_kwargs(m, self.teacher.dim)
+    self.model = VQKD(**self.kwargs, dtype=dtype_of(m.dtype))
+    o = config.optim
+    lr = o.lr * config.batch_size / 128 if o.get("scale_lr_by_batch", True) else o.lr
+    self.schedule = optim.warmup_cosine(lr, self.total_steps, self.warmup_steps, o.min_lr)
+    self.frozen = self.teacher.params
+    grid = m.img_size // m.patch_size
+    n = grid * grid + 1
+    enc = flops.vit_forward_flops(m.img_size, m.patch_size, m.embed_dim, m.depth)
+    dec = m.decoder_depth * flops.block_forward_flops(n, m.decoder_embed_dim) + flops.linear_flops(
+        n - 1, m.codebook_dim, m.decoder_embed_dim)
+    tm = self.teacher.module
+    teacher = flops.vit_forward_flops(tm.image_size, tm.patch_size, tm.hidden_size, tm.num_layers,
+                                      tm.intermediate_size / tm.hidden_size)
+    self.flops_per_example = 3 * (enc + dec) + teacher
+
+  def train_transform(self):
+    return transforms.TokenizerTrain(self.config.model.img_size)
+
+  def tx(self, params):
+    o = self.config.optim
+    return optim.adamw(params, self.schedule, o.b1, o.b2, o.eps, o.weight_decay, clip_grad=o.clip_grad or None)
+
+  def init_state(self, rng):
+    k_init, k_code, k_state = jax.random.split(rng, 3)
+    size = self.config.model.img_size
+    params = self.model.init(k_init, jnp.zeros((1, size, size, 3)))["params"]
+    params = self.model.fix_init(params)
+    codebook = quantizer.new_codebook(k_code, self.config.model.codebook_size, self.config.model.codebook_dim,
+                                      initted=not self.config.model.kmeans_init)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx(params).init(params),
+                      rng=k_state, extra=codebook)
+
+  def model_info(self):
+    return {"kind": "tokenizer", "model": self.kwargs, "teacher": self.teacher.source}
+
+  def train_step(self, state: TrainState, batch: dict, teacher_params):
+    m = self.config.model
+    rng = jax.random.fold_in(state.rng, state.step)
+    k_kmeans, k_drop, k_restart = jax.random.split(rng, 3)
+    images = batch["image"].astype(jnp.float32) / 255.0
+    target = self.teacher.apply(teacher_params, images)
+
+    def loss_fn(params):
+      z = self.model.apply({"params": params}, images, method=VQKD.encode)
+      cb = quantizer.maybe_kmeans_init(state.extra, jax.lax.stop_gradient(z), k_kmeans)
+      zq, commit, ids = quantizer.quantize(jax.lax.stop_gradient(cb.embedding), z)
+      rec = self.model.apply({"params": params}, zq, True, method=VQKD.decode, rngs={"dropout": k_drop})
+      rec_loss = cosine_rec_loss(rec, target)
+      return rec_loss + commit, (cb, jax.lax.stop_gradient(z), ids, rec_loss, commit)
+
+    (loss, (cb, z, ids, rec_loss, commit)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = self.tx(state.params).update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    cb = quantizer.ema_update(cb, z, ids, m.ema_decay, state.step, restart_after=m.dead_code_restart_steps,
+                              restart_key=k_restart)
+    metrics = {"loss": loss, "rec_loss": rec_loss, "quant_loss": commit, "grad_norm": optim_global_norm(grads),
+               "lr": self.schedule(state.step), **quantizer.usage_metrics(cb.interval_counts)}
+    # codebook_usage covers one log interval: reset the counts at each log step
+    at_log = (state.step + 1) % self.config.log_every_steps == 0
+    cb = cb.replace(interval_counts=jnp.where(at_log, 0.0, cb.interval_counts))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng, extra=cb), metrics
+
+  def evaluate(self, state: TrainState) -> dict:
+    """rec_loss and codebook usage over the whole held-out split."""
+    c = self.config
+    split = c.data.get("eval_split", "")
+    if not split:
+      return {}
+    source = sources.make_source(c.data.name, split)
+    eval_fn = jax.jit(self._eval_batch)
+    frozen = jax.device_put(self.frozen, parallel.replicated(self.mesh))
+    total, count = 0.0, 0
+    counts = np.zeros(c.model.codebook_size, np.int64)
+    for local in pipeline.eval_batches(source, transforms.EvalTransform(c.model.img_size), c.batch_size):
+      local.pop("bad", None)
+      batch = parallel.to_global(local, self.mesh)
+      loss_sum, n, hist = jax.device_get(eval_fn(state.params, state.extra, batch, frozen))
+      total, count = total + float(loss_sum), count + int(n)
+      counts += hist.astype(np.int64)
+    return {"eval_rec_loss": total / max(count, 1), "eval_codebook_usage": float(np.mean(counts > 0)),
+            "eval_unused_codes": int(np.sum(counts == 0))}
+
+  def _eval_batch(self, params, codebook, batch, teacher_params):
+    images = batch["image"].astype(jnp.float32) / 255.0
+    valid = batch["valid"].astype(jnp.float32)
+    z = self.model.apply({"params": params}, images, method=VQKD.encode)
+    zq, _, ids = quantizer.quantize(codebook.embedding, z)
+    rec = self.model.apply({"params": params}, zq, method=VQKD.decode)
+    target = self.teacher.apply(teacher_params, images)
+    per_image = jnp.mean(1.0 - jnp.sum(quantizer.l2norm(rec) * quantizer.l2norm(target), -1), axis=-1)
+    hist = jnp.zeros((codebook.size,), jnp.float32).at[ids.reshape(-1)].add(
+        jnp.repeat(valid, ids.shape[1]))
+    return jnp.sum(per_image * valid), jnp.sum(valid), hist
+
+
+def optim_global_norm(tree) -> jax.Array:
+  import optax
+  return optax.global_norm(tree)

@@ -1,0 +1,76 @@
+"""Metrics out: WORKDIR/metrics.jsonl (one JSON object per log step), TensorBoard event files (through
+tensorboardX, no TensorFlow needed), and Weights & Biases when installed and `config.wandb.enabled`."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+
+def _scalar(v) -> Any:
+  a = np.asarray(v)
+  if a.size != 1:
+    return None
+  x = a.item()
+  return x if isinstance(x, (int, bool)) or not isinstance(x, float) or math.isfinite(x) else str(x)
+
+
+class MetricWriter:
+  def __init__(self, workdir: str, wandb_config: Optional[dict] = None, tensorboard: bool = True):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = self.wandb = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        logging.info("tensorboardX not installed: no TensorBoard events")
+    if wandb_config and wandb_config.get("enabled"):
+      try:
+        import wandb
+        self.wandb = wandb.init(project=wandb_config.get("project", "beitv2_jax"),
+                                name=wandb_config.get("name") or None, config=wandb_config.get("run_config"),
+                                dir=workdir, resume="allow", id=wandb_config.get("id") or None)
+      except ImportError:
+        logging.warning("config.wandb.enabled but wandb is not installed: skipped")
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.active:
+      return
+    row = {"step": int(step)}
+    for k, v in metrics.items():
+      s = _scalar(v)
+      if s is not None:
+        row[k] = s
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self.tb is not None:
+      for k, v in row.items():
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+          self.tb.add_scalar(k, v, step)
+      self.tb.flush()
+    if self.wandb is not None:
+      self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+    if self.wandb is not None:
+      self.wandb.finish()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

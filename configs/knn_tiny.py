@@ -1,0 +1,17 @@
+"""Weighted k-NN (k 20, T 0.07, cosine; DINO / iBOT protocol) on frozen features of the offline digits.
+
+Run:  python -m beitv2_jax.main --config=configs/knn_tiny.py --workdir=/tmp/knn --config.init_from=/tmp/pt_tiny
+`init_from` empty evaluates the same architecture at random init (the baseline).
+"""
+from beitv2_jax.config_defaults import base, vit_model
+
+
+def get_config(arg: str = ""):
+  c = base("knn")
+  c.data.name = "mnist5k"
+  c.batch_size = 256
+  c.init_from = ""
+  c.model = vit_model("tiny", init_values=0.1)
+  c.probe = dict(layer=-1, pool="cls")
+  c.knn = dict(k=20, temperature=0.07)
+  return c
