@@ -6,7 +6,10 @@ Data: `photos` (the natural photos inside scikit-image; random crops at 32 px) b
 Teacher: a randomly initialised tiny CLIP (no weights can be downloaded offline), so the codes are a
       distillation of random features: this config checks the machinery, not tokenizer quality. Point
       `--config.teacher` at a CLIP folder to distil a real one.
-Expected (2-core CPU, ~2 min for 300 steps): rec_loss falls clearly, codebook_usage > 0.9 of 512 codes.
+Dead-code restart is ON here (model.dead_code_restart_steps=20; it is off in the official recipe and in
+tokenizer_base.py): with a random teacher and 300 steps, half the codes go unused without it (measured on
+the photos: codebook_usage 0.48 and rec_loss 0.089 at step 300 with it off; 1.00 and 0.080 with it on).
+Expected (2-core CPU, ~1 min for 300 steps): rec_loss falls from ~0.37 to ~0.08, codebook_usage ~1.0.
 """
 from beitv2_jax.config_defaults import base, vit_model
 
@@ -23,7 +26,7 @@ def get_config(arg: str = ""):
   c.checkpoint_every_steps = 100
   c.model = vit_model("tiny", decoder_depth=1, decoder_embed_dim=64, decoder_num_heads=2, codebook_size=512,
                       codebook_dim=32, teacher_dim=0, ema_decay=0.99, kmeans_init=True,
-                      dead_code_restart_steps=0)
+                      dead_code_restart_steps=20)
   c.teacher = "random"
   c.teacher_dtype = "float32"
   c.random_teacher = dict(width=64, depth=2, heads=2, dim=32, seed=0)

@@ -48,6 +48,7 @@ class MaskingGenerator:
           region = mask[top:top + h, left:left + w]
           delta += int((region == 0).sum())
           region[:] = 1
+          self.last_blocks.append((max_mask_patches, h, w))
         if delta > 0:
           break
     return delta
@@ -55,6 +56,7 @@ class MaskingGenerator:
   def __call__(self, rng: np.random.Generator, return_fill: bool = False):
     """Returns a (height, width) int32 mask with exactly `num_masking_patches` ones."""
     mask = np.zeros((self.height, self.width), np.int32)
+    self.last_blocks = []  # (budget, h, w) of every block placed, for inspection
     count = 0
     while count < self.num_masking_patches:
       max_mask_patches = min(self.num_masking_patches - count, self.max_num_patches)

@@ -63,22 +63,24 @@ class _ProcessRows:
     return self.ds[(k // self.lb) * self.gb + self.offset + k % self.lb]
 
 
-def _local_batch(global_batch: int) -> int:
-  n = jax.process_count()
+def _local_batch(global_batch: int, n: int) -> int:
   if global_batch % n:
     raise ValueError(f"batch_size={global_batch} is not divisible by the number of processes ({n})")
   return global_batch // n
 
 
 def train_dataset(source, transform: Callable, global_batch: int, seed: int,
-                  num_workers: int = 0, prefetch_buffer: int = 2, read_threads: int = 4) -> grain.IterDataset:
+                  num_workers: int = 0, prefetch_buffer: int = 2, read_threads: int = 4,
+                  process_index: Optional[int] = None, process_count: Optional[int] = None) -> grain.IterDataset:
   """Endless, shuffled (re-shuffled each epoch), augmented batches of this process's rows."""
   if len(source) == 0:
     raise ValueError(f"dataset {getattr(source, 'name', source)} is empty")
-  lb = _local_batch(global_batch)
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  lb = _local_batch(global_batch, pc)
   global_ds = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
                .random_map(ExampleFn(source, transform), seed=seed + 1))
-  rows = _ProcessRows(global_ds, global_batch, jax.process_index(), jax.process_count())
+  rows = _ProcessRows(global_ds, global_batch, pi, pc)
   local = grain.MapDataset.range(1 << 62).map(rows).batch(lb, drop_remainder=True)
   it = local.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
   if num_workers > 0:
@@ -102,14 +104,17 @@ class _EvalRows:
     return ex
 
 
-def eval_batches(source, transform: Callable, global_batch: int, seed: int = 0) -> Iterator[dict]:
+def eval_batches(source, transform: Callable, global_batch: int, seed: int = 0,
+                 process_index: Optional[int] = None, process_count: Optional[int] = None) -> Iterator[dict]:
   """Every example of `source` exactly once (padding rows have valid=0), in order, this process's rows."""
   n = len(source)
   if n == 0:
     raise ValueError(f"dataset {getattr(source, 'name', source)} is empty")
-  lb = _local_batch(global_batch)
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  lb = _local_batch(global_batch, pc)
   num_batches = -(-n // global_batch)
   ds = grain.MapDataset.source(source).random_map(ExampleFn(source, transform), seed=seed)
-  rows = _EvalRows(ds, n, global_batch, jax.process_index(), jax.process_count())
+  rows = _EvalRows(ds, n, global_batch, pi, pc)
   local = grain.MapDataset.range(num_batches * lb).map(rows).batch(lb, drop_remainder=True)
   return iter(local.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))

@@ -1,0 +1,150 @@
+"""Input pipeline: augmentation invariants, determinism, process sharding, exact resume, bad images."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from beitv2_jax.data import masking, pipeline, sources, transforms
+
+
+def _photo():
+  rng = np.random.RandomState(0)
+  base = np.linspace(0, 255, 200 * 300 * 3).reshape(200, 300, 3)
+  return Image.fromarray(np.clip(base + rng.randn(200, 300, 3) * 20, 0, 255).astype(np.uint8))
+
+
+def test_mim_views_share_one_crop_box():
+  """Both views come from the same box: with the same size and interpolation they are identical, and with
+  another interpolation they differ only by resampling."""
+  mg = masking.MaskingGenerator((14, 14), 75)
+  t = transforms.MIMTrain(224, mg, second_size=224, second_interpolation="bicubic")
+  for seed in range(5):
+    ex = t(_photo(), np.random.default_rng(seed))
+    np.testing.assert_array_equal(ex["image"], ex["tokenizer_image"])
+    assert ex["image"].dtype == np.uint8 and ex["image"].shape == (224, 224, 3)
+    assert ex["mask"].shape == (196,) and ex["mask"].sum() == 75
+  t2 = transforms.MIMTrain(224, mg, second_interpolation="lanczos")
+  ex = t2(_photo(), np.random.default_rng(0))
+  diff = np.abs(ex["image"].astype(int) - ex["tokenizer_image"].astype(int))
+  assert 0 < diff.mean() < 6  # same content, other resampling
+
+
+def test_value_ranges_and_normalisation_constants():
+  import jax.numpy as jnp
+  from beitv2_jax.train.pretrain import imagenet_normalize
+  from beitv2_jax.models.vqkd import preprocess
+  x = np.full((1, 2, 2, 3), 255, np.uint8)
+  np.testing.assert_allclose(np.asarray(imagenet_normalize(jnp.asarray(x)))[0, 0, 0],
+                             (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]), rtol=1e-6)
+  assert transforms.IMAGENET_MEAN == (0.485, 0.456, 0.406) and transforms.IMAGENET_STD == (0.229, 0.224, 0.225)
+  t01 = jnp.asarray(np.array([0.0, 0.5, 1.0]).reshape(1, 1, 3, 1).repeat(3, -1), jnp.float32)
+  np.testing.assert_allclose(np.asarray(preprocess(t01))[0, 0, :, 0], [-1, 0, 1], atol=1e-6)
+
+
+def test_crop_scale_ranges():
+  rng = np.random.default_rng(0)
+  areas = [np.prod(transforms.random_resized_crop_box(rng, 300, 200, scale=(0.2, 1.0))[2:]) / 60000
+           for _ in range(500)]
+  assert min(areas) >= 0.19 and max(areas) <= 1.0
+
+
+def test_finetune_transform_outputs():
+  t = transforms.FinetuneTrain(32)
+  exs = [t(_photo(), np.random.default_rng(s)) for s in range(40)]
+  assert all(e["image"].shape == (32, 32, 3) for e in exs)
+  erased = [e["erase"].sum() > 0 for e in exs]
+  assert 0 < np.mean(erased) < 0.6  # p = 0.25
+
+
+def test_same_seed_same_batches_and_resume_is_exact():
+  src = sources.make_source("digits", "train")
+  mg = masking.MaskingGenerator.from_ratio((8, 8), 0.4)
+  t = transforms.MIMTrain(32, mg)
+  a = iter(pipeline.train_dataset(src, t, 16, seed=3, read_threads=2))
+  b = iter(pipeline.train_dataset(src, t, 16, seed=3, read_threads=2))
+  for _ in range(3):
+    x, y = next(a), next(b)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  state = a.get_state()
+  expected = [next(a) for _ in range(4)]  # crosses an epoch boundary? digits train = 1437 -> no; fine
+  c = iter(pipeline.train_dataset(src, t, 16, seed=3, read_threads=2))
+  c.set_state(state)
+  for e in expected:
+    got = next(c)
+    for k in e:
+      np.testing.assert_array_equal(e[k], got[k])
+  other = next(iter(pipeline.train_dataset(src, t, 16, seed=4, read_threads=2)))
+  assert not np.array_equal(other["image"], expected[0]["image"])
+
+
+def test_process_shards_are_disjoint_and_cover_the_epoch():
+  src = sources.ArraySource(np.zeros((64, 8, 8, 3), np.uint8), np.arange(64), 64, "ids")
+  t = transforms.EvalTransform(8, crop_pct=1.0)
+  seen = []
+  for p in range(2):
+    it = iter(pipeline.train_dataset(src, t, 16, seed=0, process_index=p, process_count=2, read_threads=0))
+    labels = np.concatenate([next(it)["label"] for _ in range(4)])  # 4 x 8 = half the epoch each
+    seen.append(labels)
+  assert len(set(seen[0]) & set(seen[1])) == 0
+  assert sorted(np.concatenate(seen)) == list(range(64))
+  # one process reading the whole global batch sees the two processes' rows, in order
+  whole = iter(pipeline.train_dataset(src, t, 16, seed=0, process_index=0, process_count=1, read_threads=0))
+  first = next(whole)["label"]
+  np.testing.assert_array_equal(first, np.concatenate([seen[0][:8], seen[1][:8]]))
+
+
+def test_eval_batches_cover_every_example_once():
+  src = sources.ArraySource(np.zeros((37, 8, 8, 3), np.uint8), np.arange(37), 37, "ids")
+  labels = []
+  for local in pipeline.eval_batches(src, transforms.EvalTransform(8, 1.0), 16):
+    labels += list(local["label"][local["valid"] == 1])
+  assert labels == list(range(37))
+
+
+def _write_folder(root, n_per_class=6, corrupt=True):
+  for c in ("cat", "dog"):
+    os.makedirs(os.path.join(root, c), exist_ok=True)
+    for i in range(n_per_class):
+      Image.fromarray(np.random.RandomState(i).randint(0, 255, (40, 48, 3), np.uint8)).save(
+          os.path.join(root, c, f"{i}.jpg"))
+  if corrupt:
+    with open(os.path.join(root, "dog", "broken.jpg"), "wb") as f:
+      f.write(b"\xff\xd8\xff\xe0 this is not a jpeg")
+
+
+def test_corrupt_jpeg_is_replaced_and_reported(tmp_path, caplog):
+  root = str(tmp_path / "imgs")
+  _write_folder(root)
+  src = sources.make_source(f"folder:{root}", "all")
+  assert src.classes == ["cat", "dog"] and len(src) == 13
+  it = iter(pipeline.train_dataset(src, transforms.TokenizerTrain(32), 13, seed=0, read_threads=0))
+  batch = next(it)
+  assert batch["bad"].sum() == 1 and batch["image"].shape == (13, 32, 32, 3)
+  assert any("broken.jpg" in r.getMessage() for r in caplog.records)
+
+
+def test_folder_errors_are_clear(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not found"):
+    sources.make_source(str("folder:" + str(tmp_path / "nope")), "train")
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(ValueError, match="no class sub-folders"):
+    sources.make_source(f"folder:{tmp_path / 'empty'}", "train")
+  os.makedirs(tmp_path / "noimg" / "a")
+  with pytest.raises(ValueError, match="contains no images"):
+    sources.make_source(f"folder:{tmp_path / 'noimg'}", "train")
+  _write_folder(str(tmp_path / "labels"), corrupt=False)
+  with pytest.raises(ValueError, match="not in the label map"):
+    sources.folder(str(tmp_path / "labels"), "all", class_names=["cat"])
+  with pytest.raises(ValueError, match="unknown dataset"):
+    sources.make_source("imagenet", "train")
+
+
+def test_offline_sources():
+  m = sources.make_source("mnist5k", "train")
+  v = sources.make_source("mnist5k", "val")
+  assert len(m) == 4000 and len(v) == 1000 and m.num_classes == 10
+  assert np.bincount(v.labels).tolist() == [100] * 10
+  p = sources.make_source("photos", "all")
+  assert len(p) >= 15 and p[0]["image"].ndim == 3
