@@ -221,8 +221,9 @@ def _load_ours(path: str, kind, dtype, overrides) -> Model:
     codebook = np.asarray(state["extra"]["embedding"])
   if stored_kind == "classifier" and "backbone" in params and "head" not in params:
     params = params["backbone"]  # a linear probe's frozen encoder: not expected, kept simple
-  model = _finish(stored_kind, model_cfg, params, codebook, dtype, overrides, source=path)
-  if kind and kind != model.kind:
+  converting = bool(kind) and kind != stored_kind  # overrides then apply to the converted model only
+  model = _finish(stored_kind, model_cfg, params, codebook, dtype, {} if converting else overrides, source=path)
+  if converting:
     return convert_kind(model, kind, **overrides)
   return model
 
@@ -249,13 +250,9 @@ def _relayout(params, template):
 
 def _load_state_dict(path: str, sd: dict, kind, dtype, overrides) -> Model:
   sd = {k: v for k, v in sd.items() if not k.startswith(("teacher_model.", "scaling_layer.", "loss"))}
-  if "quantize.embedding.weight" in sd:
-    detected = "tokenizer"
-  elif "lm_head.weight" in sd:
-    detected = "mim"
-  else:
-    detected = "classifier"
+  detected = _detect_kind(sd)
   heads = overrides.pop("num_heads", None)
+  own = {} if kind and kind != _detect_kind(sd) else overrides  # overrides go to the converted model
   if detected == "tokenizer":
     enc = convert.infer_vit_config(sd, "encoder.")
     dec = convert.infer_vit_config(sd, "decoder.")
@@ -282,17 +279,23 @@ def _load_state_dict(path: str, sd: dict, kind, dtype, overrides) -> Model:
     if not any(k.startswith("cls_pt_layers.") for k in sd):
       raise ValueError(f"{path}: an MIM checkpoint without cls_pt_layers (BEiT v1?) is not supported")
     model = _finish("mim", model_cfg, _params_from_sd(sd, "mim", model_cfg, dtype, path), None, dtype,
-                    dict(overrides), path)
+                    dict(own), path)
   else:
     cfg = convert.infer_vit_config(sd)
     if heads:
       cfg["num_heads"] = heads
     model_cfg = dict(cfg)
     model = _finish("classifier", model_cfg, _params_from_sd(sd, "classifier", model_cfg, dtype, path), None,
-                    dtype, dict(overrides), path)
+                    dtype, dict(own), path)
   if kind and kind != model.kind:
     return convert_kind(model, kind, **overrides)
   return model
+
+
+def _detect_kind(sd) -> str:
+  if "quantize.embedding.weight" in sd:
+    return "tokenizer"
+  return "mim" if "lm_head.weight" in sd else "classifier"
 
 
 def _params_from_sd(sd, kind, model_cfg, dtype, path):

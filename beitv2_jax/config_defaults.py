@@ -22,10 +22,11 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.eval_every_steps = 0        # 0: evaluate at the end only
   c.keep_checkpoints = 3        # the last N ...
   c.keep_every_steps = 0        # ... plus every K-th (0: none)
+  c.stop_after_steps = 0        # > 0: save and exit at this step; the same command resumes
 
   c.data = ml_collections.ConfigDict(dict(
       name="mnist5k", train_split="train", eval_split="val", num_workers=0, read_threads=4))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # data=-1: all devices / fsdp
   c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
   c.wandb = ml_collections.ConfigDict(dict(enabled=False, project="beitv2_jax", name=""))
   c.optim = ml_collections.ConfigDict(dict(

@@ -48,9 +48,10 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
     raise ValueError(f"mesh.fsdp={fsdp} must divide the number of devices ({n})")
   if data == -1:
     data = n // fsdp
-  if data * fsdp != n:
-    raise ValueError(f"mesh data={data} x fsdp={fsdp} != {n} devices")
-  devices = np.asarray(jax.devices()).reshape(data, fsdp)
+  if data * fsdp > n or (data * fsdp < n and jax.process_count() > 1):
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} does not fit the {n} devices")
+  # Fewer than all devices (single process only): the first data*fsdp, e.g. mesh.data=1 to debug on one.
+  devices = np.asarray(jax.devices()[:data * fsdp]).reshape(data, fsdp)
   return Mesh(devices, ("data", "fsdp"))
 
 

@@ -187,7 +187,7 @@ class FinetuneTask(_ClassifierTask):
     updates, opt_state = self.tx(state.params).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     acc = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
-    metrics = {"loss": loss, "train_acc": acc, "grad_norm": optax.global_norm(grads), "lr": self.schedule(state.step)}
+    metrics = {"loss": loss, "train_acc": acc, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -274,7 +274,7 @@ class LinearProbeTask(_ClassifierTask):
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = self.tx(state.params).update(grads, state.opt_state, state.params)
     metrics = {"loss": loss, "train_acc": jnp.mean(jnp.argmax(logits, -1) == labels),
-               "grad_norm": optax.global_norm(grads), "lr": self.schedule(state.step)}
+               "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state.step)}
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state, extra=extra), metrics
 

@@ -160,6 +160,7 @@ def run(task: Task) -> tuple[TrainState, dict]:
   total = task.total_steps
   log_every, ckpt_every = config.log_every_steps, config.checkpoint_every_steps
   eval_every = config.get("eval_every_steps", 0)
+  stop_after = config.get("stop_after_steps", 0)  # > 0: save and exit at this step (time-limited jobs)
   last_metrics: dict = {}
   pending: list = []
   last_good_step = start
@@ -182,7 +183,7 @@ def run(task: Task) -> tuple[TrainState, dict]:
       state, metrics = step_fn(state, batch, frozen)
       pending.append(metrics)
       steps_since += 1
-      stop = parallel.any_process(preempted())
+      stop = parallel.any_process(preempted()) or step == stop_after
       is_log = step % log_every == 0 or step == total
       is_ckpt = step % ckpt_every == 0 or step == total or stop
 
@@ -228,7 +229,8 @@ def run(task: Task) -> tuple[TrainState, dict]:
       if stop:
         ckpt.wait()
         if is_main:
-          print(f"[{task.name}] preempted: saved step {step}; rerun the same command to resume", flush=True)
+          why = "preempted" if step != stop_after else f"stop_after_steps={stop_after}"
+          print(f"[{task.name}] {why}: saved step {step}; rerun the same command to resume", flush=True)
         last_metrics["preempted_at"] = step
         return state, last_metrics
     ckpt.wait()

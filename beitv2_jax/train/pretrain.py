@@ -146,7 +146,7 @@ class PretrainTask(Task):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = self.tx(state.params).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads), "lr": self.schedule(state.step)}
+    metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def evaluate(self, state) -> dict:

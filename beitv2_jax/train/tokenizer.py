@@ -6,6 +6,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from beitv2_jax import flops, parallel
 from beitv2_jax.data import pipeline, sources, transforms
@@ -127,10 +128,10 @@ class TokenizerTask(Task):
 
     (loss, (cb, z, ids, rec_loss, commit)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = self.tx(state.params).update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    params = optax.apply_updates(state.params, updates)
     cb = quantizer.ema_update(cb, z, ids, m.ema_decay, state.step, restart_after=m.dead_code_restart_steps,
                               restart_key=k_restart)
-    metrics = {"loss": loss, "rec_loss": rec_loss, "quant_loss": commit, "grad_norm": optim_global_norm(grads),
+    metrics = {"loss": loss, "rec_loss": rec_loss, "quant_loss": commit, "grad_norm": optax.tree.norm(grads),
                "lr": self.schedule(state.step), **quantizer.usage_metrics(cb.interval_counts)}
     # codebook_usage covers one log interval: reset the counts at each log step
     at_log = (state.step + 1) % self.config.log_every_steps == 0
@@ -169,7 +170,3 @@ class TokenizerTask(Task):
         jnp.repeat(valid, ids.shape[1]))
     return jnp.sum(per_image * valid), jnp.sum(valid), hist
 
-
-def optim_global_norm(tree) -> jax.Array:
-  import optax
-  return optax.global_norm(tree)

@@ -1,0 +1,70 @@
+"""Small, fast configs for the tests (real code paths, tiny sizes)."""
+import importlib.util
+import os
+
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg=""):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def tokenizer_config(steps=8, batch=16, **kw):
+  c = load_config("tokenizer_tiny")
+  c.data.name = "digits"
+  c.data.train_split = "train"
+  c.batch_size = batch
+  c.total_steps = steps
+  c.warmup_steps = 2
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 4
+  c.model.codebook_size = 64
+  c.data.read_threads = 0
+  for k, v in kw.items():
+    _set(c, k, v)
+  return c
+
+
+def pretrain_config(tokenizer_path, steps=8, batch=16, **kw):
+  c = load_config("pretrain_tiny")
+  c.tokenizer_path = str(tokenizer_path)
+  c.data.name = "digits"
+  c.data.eval_split = ""
+  c.batch_size = batch
+  c.total_steps = steps
+  c.warmup_steps = 2
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 4
+  c.data.read_threads = 0
+  for k, v in kw.items():
+    _set(c, k, v)
+  return c
+
+
+def _set(c, dotted, v):
+  *head, last = dotted.split(".")
+  for h in head:
+    c = c[h]
+  c[last] = v
+
+
+def params_of(workdir, step=None):
+  from beitv2_jax import checkpoint
+  _, state = checkpoint.restore_state_tree(os.path.join(workdir, "checkpoints"), step)
+  return state
+
+
+def assert_trees_equal(a, b, atol=0.0):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    if atol == 0:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    else:
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)

@@ -1,0 +1,163 @@
+"""MIM pretraining: aggregation-head wiring, loss against a direct computation, 8 vs 1 devices, load/export."""
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import beitv2_jax
+from beitv2_jax import main as entry, parallel
+from beitv2_jax.models.mim import BEiTForMIM, backbone_defaults, agg_drop_path_rates
+from beitv2_jax.models.vit import Block
+from beitv2_jax.train.pretrain import PretrainTask
+from helpers import pretrain_config, tokenizer_config
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("tok"))
+  entry.run(tokenizer_config(steps=20), wd)
+  return wd
+
+
+def _tiny_mim(depth=3, early=1):
+  return BEiTForMIM(backbone=backbone_defaults(img_size=32, patch_size=4, embed_dim=64, depth=depth, num_heads=2,
+                                               init_values=0.1), vocab_size=64, early_layers=early)
+
+
+def _inputs(b=2, n=64, m=26, seed=0):
+  rng = np.random.RandomState(seed)
+  x = jnp.asarray(rng.randn(b, 32, 32, 3), jnp.float32)
+  mask = np.zeros((b, n), bool)
+  for i in range(b):
+    mask[i, rng.choice(n, m, replace=False)] = True
+  return x, jnp.asarray(mask)
+
+
+def test_aggregation_head_reads_last_cls_and_early_patches():
+  model = _tiny_mim(depth=3, early=1)
+  x, mask = _inputs()
+  params = model.init(jax.random.key(0), x, mask, 26)["params"]
+
+  def agg_input(perturb_block=None, where="patches"):
+    seen = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+      name = context.module.name
+      if name == "cls_pt_layers_0" and context.method_name == "__call__":
+        seen["x"] = args[0]
+      out = next_fun(*args, **kwargs)
+      if name == perturb_block and context.method_name == "__call__" and isinstance(context.module, Block):
+        sl = (slice(None), slice(1, None)) if where == "patches" else (slice(None), slice(0, 1))
+        out = out.at[sl].add(1.0)
+      return out
+
+    with nn.intercept_methods(interceptor):
+      model.apply({"params": params}, x, mask, 26)
+    return np.asarray(seen["x"])
+
+  base = agg_input()
+  assert base.shape == (2, 65, 64)
+  # patch states after block `early_layers` (blocks_1, blocks_2 outputs): the patch part is unchanged
+  for blk in ("blocks_1", "blocks_2"):
+    np.testing.assert_array_equal(agg_input(blk, "patches")[:, 1:], base[:, 1:])
+  # the patch states output by block early_layers (blocks_0, 1-based 1) are what the head reads
+  assert not np.allclose(agg_input("blocks_0", "patches")[:, 1:], base[:, 1:])
+  # the last block's CLS (before the final norm) is the head's CLS
+  np.testing.assert_allclose(agg_input("blocks_2", "cls")[:, :1], base[:, :1] + 1.0, atol=1e-5)
+  np.testing.assert_array_equal(agg_input("blocks_2", "cls")[:, 1:], base[:, 1:])
+
+
+def test_aggregation_drop_path_rates_match_the_spec():
+  np.testing.assert_allclose(agg_drop_path_rates(0.1, 12, 9, 2), [0.0818, 0.0909], atol=1e-4)
+  np.testing.assert_allclose(agg_drop_path_rates(0.1, 24, 21, 2), [0.0913, 0.0957], atol=1e-4)
+
+
+def test_official_init_of_the_aggregation_blocks():
+  model = _tiny_mim()
+  x, mask = _inputs()
+  p = model.fix_init(model.init(jax.random.key(0), x, mask, 26)["params"])
+  assert np.abs(np.asarray(p["cls_pt_layers_0"]["mlp"]["fc1"]["bias"])).max() > 0.01  # PyTorch default init
+  assert np.abs(np.asarray(p["backbone"]["blocks_0"]["mlp"]["fc1"]["bias"])).max() == 0.0
+  assert np.all(np.asarray(p["backbone"]["rel_pos_bias"]["relative_position_bias_table"]) == 0)
+  lm = np.asarray(p["lm_head"]["kernel"])
+  assert np.abs(lm).max() <= 0.02 + 1e-7  # trunc at +-1 std
+
+
+def _direct_loss(task, params, batch, frozen):
+  """The loss written out with numpy from the pieces: tokenizer ids, masked gather, two CE terms."""
+  from beitv2_jax.models.vqkd import VQKD
+  images01 = np.asarray(batch["tokenizer_image"], np.float32) / 255.0
+  z = np.asarray(task.tokenizer.module.apply({"params": frozen["params"]}, jnp.asarray(images01), method=VQKD.encode))
+  ids = np.argmax(z @ np.asarray(frozen["codebook"]).T, -1)
+  mask = np.asarray(batch["mask"])
+  labels = np.stack([ids[i][mask[i]] for i in range(len(ids))])  # row-major masked positions
+  x = (np.asarray(batch["image"], np.float32) / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  main, agg = task.model.apply({"params": params}, jnp.asarray(x, jnp.float32), jnp.asarray(mask), task.num_masked)
+
+  def ce(logits):
+    logits = np.asarray(logits, np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    return np.mean(lse - np.take_along_axis(logits, labels[..., None], -1)[..., 0])
+  return ce(main) + ce(agg)
+
+
+def _task_and_batch(tokenizer_dir, tmp_path, mesh):
+  cfg = pretrain_config(tokenizer_dir, steps=4)
+  task = PretrainTask(cfg, str(tmp_path / "pt"), mesh)
+  local = next(iter(task.train_data()))
+  local.pop("bad")
+  return task, local
+
+
+def test_loss_equals_direct_computation(tokenizer_dir, tmp_path):
+  mesh = parallel.make_mesh(1, 1)
+  task, local = _task_and_batch(tokenizer_dir, tmp_path, mesh)
+  state = task.init_state(jax.random.PRNGKey(0))
+  direct = _direct_loss(task, state.params, local, task.frozen)
+  _, metrics = jax.jit(task.train_step)(state, {k: jnp.asarray(v) for k, v in local.items()}, task.frozen)
+  np.testing.assert_allclose(float(metrics["loss"]), direct, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["loss_1"]) + float(metrics["loss_2"]), direct, rtol=1e-5)
+
+
+def test_train_step_on_8_devices_equals_1_device(tokenizer_dir, tmp_path):
+  """The whole step (tokenizer targets + student fwd/bwd + AdamW) on an 8-device data mesh equals the
+  1-device step on the same global batch: loss to 1e-6, parameters to 1e-6."""
+  mesh1 = parallel.make_mesh(1, 1)
+  task, local = _task_and_batch(tokenizer_dir, tmp_path, mesh1)
+  state = task.init_state(jax.random.PRNGKey(0))
+  batch = {k: jnp.asarray(v) for k, v in local.items()}
+  s1, m1 = jax.jit(task.train_step)(state, batch, task.frozen)
+  mesh8 = parallel.make_mesh(8, 1)
+  shard = parallel.state_shardings(state, mesh8)
+  step8 = jax.jit(task.train_step, in_shardings=(shard, parallel.batch_sharding(mesh8), None),
+                  out_shardings=(shard, parallel.replicated(mesh8)))
+  s8, m8 = step8(jax.device_put(state, shard), parallel.to_global(local, mesh8), task.frozen)
+  np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), atol=1e-6)
+  for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_mim_checkpoint_loads_and_exports_to_the_official_layout(tokenizer_dir, tmp_path):
+  wd = str(tmp_path / "pt")
+  entry.run(pretrain_config(tokenizer_dir, steps=4), wd)
+  m = beitv2_jax.load(wd)
+  assert m.kind == "mim"
+  x, mask = _inputs(b=2, n=64, m=26)
+  main, agg = m(np.asarray(x), np.asarray(mask))
+  assert main.shape == (2, 26, 64) and agg.shape == (2, 26, 64)
+  sd = beitv2_jax.export_state_dict(m, str(tmp_path / "pt.safetensors"))
+  assert "rel_pos_bias.relative_position_bias_table" in sd and "cls_pt_layers.1.mlp.fc2.weight" in sd
+  assert "lm_head.weight" in sd and "mask_token" in sd and not any(k.startswith("backbone") for k in sd)
+  again = beitv2_jax.load(str(tmp_path / "pt.safetensors"))
+  main2, agg2 = again(np.asarray(x), np.asarray(mask))
+  np.testing.assert_allclose(np.asarray(main2), np.asarray(main), atol=1e-5)
+  # and as a classifier: the shared table is copied into every block
+  clf = beitv2_jax.load(wd, kind="classifier", num_classes=10)
+  t = np.asarray(m.params["backbone"]["rel_pos_bias"]["relative_position_bias_table"])
+  for i in range(2):
+    np.testing.assert_array_equal(np.asarray(clf.params[f"blocks_{i}"]["attn"]["relative_position_bias_table"]), t)
+  assert clf(np.asarray(x)).shape == (2, 10)
