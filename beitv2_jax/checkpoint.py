@@ -13,6 +13,7 @@ import os
 from typing import Any, Optional
 
 import grain
+import numpy as np
 import jax
 import orbax.checkpoint as ocp
 
@@ -50,15 +51,23 @@ class Checkpointer:
 
 
 def restore_state_tree(directory: str, step: Optional[int] = None) -> tuple[int, dict]:
-  """Reads the `state` item of a checkpoint as plain nested dicts of numpy arrays (no target needed)."""
+  """Reads the `state` item of a checkpoint as nested dicts of numpy arrays, on whatever topology wrote it
+  (a TPU pod's checkpoint loads on one CPU): the target is built from the stored shapes, on one device."""
   directory = os.path.abspath(directory)
   manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
   step = manager.latest_step() if step is None else step
+  manager.close()
   if step is None:
     raise FileNotFoundError(f"no complete checkpoint in {directory}")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  return step, jax.tree.map(lambda a: jax.device_get(a), restored["state"])
+  path = os.path.join(directory, str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  meta = checkpointer.metadata(path)
+  meta = getattr(meta, "item_metadata", meta)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+  restored = checkpointer.restore(path, target)
+  checkpointer.close()
+  return step, jax.tree.map(np.asarray, restored)
 
 
 def write_json(path: str, obj: Any) -> None:

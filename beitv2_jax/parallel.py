@@ -26,8 +26,8 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
   local run initialises nothing.
   """
   if coordinator_address:
-    if jax.config.jax_platforms in (None, "", "cpu") or jax.default_backend() == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU processes need gloo for cross-process collectives (harmless where an accelerator does the work).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
   elif os.environ.get("JAX_COORDINATOR_ADDRESS") or _on_tpu_pod() or "SLURM_NTASKS" in os.environ:
