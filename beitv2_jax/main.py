@@ -16,7 +16,7 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl, TensorBoard events and pictures go.")
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError, ImportError)
+USER_ERRORS = (ValueError, OSError, KeyError, TypeError, ImportError)
 
 
 def get_task_class(name: str):
@@ -59,17 +59,16 @@ def main(argv):
   from absl import logging as absl_logging
   if not flags.FLAGS["verbosity"].present:  # orbax and grain are chatty at INFO
     absl_logging.set_verbosity(absl_logging.WARNING)
-  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  if config is None:
-    sys.exit("error: --config is required, e.g. --config=configs/demo.py")
-  if not workdir:
-    workdir = os.path.join("workdirs", config.task)
-    print(f"no --workdir given: using {workdir}", flush=True)
   try:
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if config is None:
+      sys.exit("error: --config is required, e.g. --config=configs/demo.py")
+    if not workdir:
+      workdir = os.path.join("workdirs", config.task)
+      print(f"no --workdir given: using {workdir}", flush=True)
     run(config, workdir)
   except USER_ERRORS as e:
-    msg = str(e).strip() or type(e).__name__
-    sys.exit(f"error: {type(e).__name__}: {msg}")
+    sys.exit(f"error: {type(e).__name__}: {_one_line(e)}")
   except Exception as e:  # NonFiniteError and friends: one clear line, then non-zero exit
     from beitv2_jax.train.loop import NonFiniteError
     if isinstance(e, NonFiniteError):
@@ -77,5 +76,22 @@ def main(argv):
     raise
 
 
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip()
+  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a repr'd message (AttributeError)
+    text = text[1:-1].replace("\\n", " ").replace("\\'", "'")
+  return " ".join(text.split()) or type(e).__name__
+
+
+def parse_flags(argv):
+  """absl flag parsing, but a bad config file, unknown field or mistyped value is one line, exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {_one_line(e)}")
+  except (AttributeError, KeyError, TypeError, ValueError, OSError, ImportError, SyntaxError) as e:
+    sys.exit(f"error: bad --config: {type(e).__name__}: {_one_line(e)}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

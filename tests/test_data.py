@@ -148,3 +148,12 @@ def test_offline_sources():
   assert np.bincount(v.labels).tolist() == [100] * 10
   p = sources.make_source("photos", "all")
   assert len(p) >= 15 and p[0]["image"].ndim == 3
+
+
+def test_every_rand_augment_op_runs_at_every_magnitude():
+  im = _photo().resize((32, 32))
+  rng = np.random.default_rng(0)
+  for name in transforms.RAND_INCREASING_OPS:
+    for level in (0.0, 5.0, 9.0, 10.0):
+      out = transforms.apply_op(im, name, level, rng)
+      assert out.size == im.size and out.mode == "RGB"

@@ -118,6 +118,8 @@ def apply_op(im: Image.Image, name: str, level: float, rng: np.random.Generator,
     return im.rotate(_negate(rng, m * 30.0), resample=resample, fillcolor=fill)
   if name == "PosterizeIncreasing":
     bits = 4 - int(m * 4)
+    if bits <= 0:  # keep 0 bits: black (older PIL did this; PIL >= 10 rejects bits=0)
+      return im.point([0] * 256 * len(im.getbands()))
     return im if bits >= 8 else ImageOps.posterize(im, bits)
   if name == "SolarizeIncreasing":
     return ImageOps.solarize(im, 256 - int(m * 256))
@@ -223,11 +225,12 @@ class FinetuneTrain:
   """timm create_transform(is_training): RandomResizedCrop(0.08-1, bicubic), flip, RandAugment
   rand-m9-mstd0.5-inc1, (normalise), RandomErasing(0.25, pixel). `erase` marks the erased box."""
 
-  def __init__(self, size: int, rand_augment_layers: int = 2, magnitude: float = 9.0, reprob: float = 0.25):
-    self.size, self.layers, self.magnitude, self.reprob = size, rand_augment_layers, magnitude, reprob
+  def __init__(self, size: int, rand_augment_layers: int = 2, magnitude: float = 9.0, reprob: float = 0.25,
+               scale=(0.08, 1.0)):
+    self.size, self.layers, self.magnitude, self.reprob, self.scale = size, rand_augment_layers, magnitude, reprob, scale
 
   def __call__(self, im: Image.Image, rng) -> dict:
-    box = random_resized_crop_box(rng, *im.size)
+    box = random_resized_crop_box(rng, *im.size, scale=self.scale)
     im = maybe_flip(crop_resize(im, box, self.size), rng)
     if self.layers > 0:
       im = rand_augment(im, rng, self.layers, self.magnitude)

@@ -125,9 +125,9 @@ class FinetuneTask(_ClassifierTask):
         self.init_model = api.convert_kind(loaded, "classifier", **overrides)
       self.kwargs = dict(self.init_model.config)
     else:
-      self.kwargs = dict(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
-                         num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, use_abs_pos_emb=False, rel_pos="layer",
-                         init_values=m.init_values, init_style="finetune", **overrides)
+      self.kwargs = dict(patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
+                         mlp_ratio=m.mlp_ratio, use_abs_pos_emb=False, rel_pos="layer", init_values=m.init_values,
+                         init_style="finetune", **overrides)
     self.kwargs.pop("scan", None); self.kwargs.pop("remat", None)
     self.model = VisionTransformer(**self.kwargs, dtype=dtype_of(m.dtype), scan=m.scan, remat=m.remat)
     self.flops_per_example = 3 * flops.vit_forward_flops(m.img_size, self.kwargs["patch_size"],
@@ -137,7 +137,7 @@ class FinetuneTask(_ClassifierTask):
   def train_transform(self):
     a = self.config.aug
     return transforms.FinetuneTrain(self.config.model.img_size, a.rand_augment_layers, a.rand_augment_magnitude,
-                                    a.reprob)
+                                    a.reprob, scale=(a.get("min_crop_scale", 0.08), 1.0))
 
   def tx(self, params):
     o = self.config.optim
