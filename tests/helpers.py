@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DIR = os.environ.get("BEITV2_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 
 
 def load_config(name, arg=""):

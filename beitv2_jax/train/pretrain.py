@@ -44,6 +44,8 @@ def load_or_train_tokenizer(config, workdir: str) -> api.Model:
   """config.tokenizer_path, or (when empty) the tokenizer trained by config.tokenizer into
   WORKDIR/tokenizer first (resumable like any run)."""
   path = config.get("tokenizer_path", "")
+  if path == "random":  # an untrained tokenizer of the student's size: for benchmarks only
+    return random_tokenizer(config)
   if not path:
     if "tokenizer" not in config or config.tokenizer is None:
       raise ValueError("config.tokenizer_path is empty and the config has no `tokenizer` sub-config to "
@@ -59,6 +61,22 @@ def load_or_train_tokenizer(config, workdir: str) -> api.Model:
   if model.kind != "tokenizer":
     raise ValueError(f"tokenizer_path {path} holds a {model.kind} checkpoint, not a tokenizer")
   return model
+
+
+def random_tokenizer(config) -> api.Model:
+  """A randomly initialised VQ-KD of the student's size (its codes mean nothing): benchmarks and smoke tests."""
+  from beitv2_jax.train.tokenizer import vqkd_kwargs
+  m = config.model
+  tm = dict(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
+            num_heads=m.num_heads, decoder_embed_dim=m.embed_dim, decoder_depth=1, decoder_num_heads=m.num_heads,
+            codebook_size=config.get("vocab_size", 8192), codebook_dim=32)
+  import ml_collections
+  kwargs = vqkd_kwargs(ml_collections.ConfigDict(tm), 512)
+  module = VQKD(**kwargs, dtype=dtype_of(config.get("tokenizer_dtype", "float32")))
+  s = m.img_size
+  params = jax.jit(lambda k: module.init(k, jnp.zeros((1, s, s, 3)))["params"])(jax.random.key(0))
+  codebook = quantizer.new_codebook(jax.random.key(1), tm["codebook_size"], 32).embedding
+  return api.Model("tokenizer", module, params, kwargs, np.asarray(codebook), "random")
 
 
 class PretrainTask(Task):

@@ -1,0 +1,208 @@
+"""Train-step benchmark: step time, img/s, model TFLOP/s and MFU for the tokenizer, pretrain and finetune
+steps, on synthetic device-resident batches (the input pipeline has its own benchmark).
+
+  python benchmarks/train_step.py --size=tiny                       # CPU smoke test (CI runs it)
+  python benchmarks/train_step.py --size=base --dtype=bfloat16 --batch=128 --tasks=pretrain
+  python benchmarks/train_step.py --size=base --max-batch           # largest per-device batch, +/- remat
+  python benchmarks/train_step.py --size=tiny --torch               # side by side with timm's Beit (finetune)
+MFU = model FLOPs per image x img/s / (bf16 peak x devices); remat recompute is not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from beitv2_jax import parallel  # noqa: E402
+from beitv2_jax.config_defaults import base, vit_model  # noqa: E402
+from beitv2_jax.train.loop import device_peak_flops  # noqa: E402
+
+
+def make_config(task: str, size: str, dtype: str, batch: int, remat: str, scan: bool):
+  c = base(task)
+  c.data.name = "synthetic:1024"
+  c.batch_size = batch
+  c.total_steps = 1000
+  c.warmup_steps = 10
+  m = vit_model(size, dtype=dtype, remat=remat, scan=scan)
+  if task == "tokenizer":
+    m.update(dict(decoder_depth=3 if size != "tiny" else 1, decoder_embed_dim=m.embed_dim,
+                  decoder_num_heads=m.num_heads, codebook_size=8192 if size != "tiny" else 512, codebook_dim=32,
+                  teacher_dim=0, ema_decay=0.99, kmeans_init=True, dead_code_restart_steps=0))
+    c.teacher = "random"
+    c.teacher_dtype = dtype
+    # a CLIP-B/16-sized random teacher at base / large, a tiny one at tiny
+    c.random_teacher = (dict(width=768, depth=12, heads=12, dim=512, seed=0) if size != "tiny"
+                        else dict(width=64, depth=2, heads=2, dim=32, seed=0))
+    c.optim.scale_lr_by_batch = False
+  elif task == "pretrain":
+    m.update(dict(init_values=0.1, drop_path_rate=0.1, early_layers=max(1, m.depth - 3), head_layers=2,
+                  mask_ratio=75 / 196, min_mask_patches=16 if size != "tiny" else 4, min_crop_scale=0.2,
+                  second_interpolation="bicubic"))
+    c.tokenizer_path = "random"
+    c.tokenizer_dtype = dtype
+    c.vocab_size = 8192
+    c.optim.clip_grad = 3.0
+  elif task == "finetune":
+    m.update(dict(init_values=0.1, drop_path_rate=0.1, use_cls=False, head_init_scale=0.001))
+    c.init_from = ""
+    c.num_classes = 1000
+    c.aug = dict(min_crop_scale=0.08, rand_augment_layers=2, rand_augment_magnitude=9.0, reprob=0.25, mixup=0.8,
+                 cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1)
+    c.optim.layer_decay = 0.65
+  c.model = m
+  return c
+
+
+def synthetic_batch(task_obj, task: str, batch: int, size: int, grid: int, mesh):
+  rng = np.random.default_rng(0)
+  b = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+       "label": rng.integers(0, 1000, (batch,), dtype=np.int32)}
+  if task == "pretrain":
+    b["tokenizer_image"] = b["image"].copy()
+    b["mask"] = np.stack([task_obj.mask_generator(np.random.default_rng(i)).reshape(-1).astype(bool)
+                          for i in range(batch)])
+  if task == "finetune":
+    b["erase"] = np.zeros((batch, size, size), np.uint8)
+  return parallel.to_global(b, mesh)
+
+
+def bench(task: str, size: str, dtype: str, batch: int, steps: int, remat: str = "none", scan: bool = False):
+  from beitv2_jax.main import get_task_class
+  import tempfile
+  mesh = parallel.make_mesh()
+  config = make_config(task, size, dtype, batch, remat, scan)
+  t = get_task_class(task)(config, tempfile.mkdtemp(), mesh)
+  state_abs = jax.eval_shape(t.init_state, jax.random.PRNGKey(0))
+  shardings = parallel.state_shardings(state_abs, mesh)
+  state = jax.jit(t.init_state, out_shardings=shardings)(jax.random.PRNGKey(0))
+  frozen = jax.device_put(t.frozen, parallel.replicated(mesh)) if t.frozen is not None else None
+  batch_arrays = synthetic_batch(t, task, batch, config.model.img_size,
+                                 config.model.img_size // config.model.patch_size, mesh)
+  step = jax.jit(t.train_step, in_shardings=(shardings, parallel.batch_sharding(mesh), None),
+                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch_arrays, frozen).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(2):  # warm-up
+    state, metrics = compiled(state, batch_arrays, frozen)
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch_arrays, frozen)
+  jax.block_until_ready((state, metrics))
+  dt = (time.perf_counter() - t0) / steps
+  img_s = batch / dt
+  peak = device_peak_flops()
+  tflops = t.flops_per_example * img_s / 1e12
+  mem = None
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+    mem = stats.get("peak_bytes_in_use")
+  except Exception:
+    pass
+  row = dict(task=task, size=size, dtype=dtype, batch=batch, remat=remat, devices=jax.device_count(),
+             device=jax.devices()[0].device_kind, step_ms=1000 * dt, img_per_sec=img_s,
+             img_per_sec_per_device=img_s / jax.device_count(), gflops_per_img=t.flops_per_example / 1e9,
+             model_tflops=tflops, mfu=(tflops * 1e12 / (peak * jax.device_count())) if peak else None,
+             peak_mem_gb=mem / 2 ** 30 if mem else None, compile_s=compile_s,
+             loss=float(metrics["loss"]))
+  assert np.isfinite(row["loss"]) and np.isfinite(row["step_ms"])
+  return row
+
+
+def torch_finetune_step(size: str, batch: int, steps: int) -> dict:
+  """timm's Beit (the same backbone) forward + backward + AdamW, on this CPU, for the side-by-side."""
+  import torch
+  import timm
+  dims = vit_model(size)
+  m = timm.create_model("beitv2_base_patch16_224", pretrained=False, img_size=dims.img_size,
+                        patch_size=dims.patch_size, embed_dim=dims.embed_dim, depth=dims.depth,
+                        num_heads=dims.num_heads, num_classes=1000, drop_path_rate=0.1)
+  opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.05)
+  x = torch.randn(batch, 3, dims.img_size, dims.img_size)
+  y = torch.randint(0, 1000, (batch,))
+
+  def one():
+    loss = torch.nn.functional.cross_entropy(m(x), y, label_smoothing=0.1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+  for _ in range(2):
+    one()
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    one()
+  dt = (time.perf_counter() - t0) / steps
+  return dict(task="finetune (timm, torch)", size=size, batch=batch, step_ms=1000 * dt, img_per_sec=batch / dt,
+              threads=torch.get_num_threads())
+
+
+def max_batch(task: str, size: str, dtype: str, remat: str) -> int:
+  """Largest per-device batch (powers of two, then bisection) whose step compiles and runs."""
+  n = jax.device_count()
+  lo, hi = 0, 8
+  while True:
+    try:
+      bench(task, size, dtype, hi * n, 1, remat)
+      lo, hi = hi, hi * 2
+    except Exception as e:  # out of memory
+      if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e) and "OOM" not in str(e):
+        raise
+      break
+    if hi > 4096:
+      return lo
+  while hi - lo > max(1, lo // 8):
+    mid = (lo + hi) // 2
+    try:
+      bench(task, size, dtype, mid * n, 1, remat)
+      lo = mid
+    except Exception:
+      hi = mid
+  return lo
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--size", default="tiny", choices=("tiny", "small", "base", "large"))
+  ap.add_argument("--tasks", default="tokenizer,pretrain,finetune")
+  ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on GPU/TPU, float32 on CPU)")
+  ap.add_argument("--batch", type=int, default=0, help="global batch (default: 32 tiny, 8 x devices otherwise)")
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--remat", default="none")
+  ap.add_argument("--scan", action="store_true")
+  ap.add_argument("--max-batch", action="store_true")
+  ap.add_argument("--torch", action="store_true", help="also time timm's Beit fine-tune step (CPU side by side)")
+  ap.add_argument("--json", default="", help="append the rows as JSON lines to this file")
+  a = ap.parse_args()
+  dtype = a.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  batch = a.batch or (32 if a.size == "tiny" else 8 * jax.device_count())
+  rows = []
+  for task in a.tasks.split(","):
+    if a.max_batch:
+      for remat in ("none", "full"):
+        rows.append(dict(task=task, size=a.size, dtype=dtype, remat=remat,
+                         max_batch_per_device=max_batch(task, a.size, dtype, remat)))
+    else:
+      rows.append(bench(task, a.size, dtype, batch, a.steps, a.remat, a.scan))
+  if a.torch:
+    rows.append(torch_finetune_step(a.size, batch, a.steps))
+  for r in rows:
+    print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+  if a.json:
+    with open(a.json, "a") as f:
+      for r in rows:
+        f.write(json.dumps(r) + "\n")
+  return rows
+
+
+if __name__ == "__main__":
+  main()
