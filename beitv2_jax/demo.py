@@ -10,7 +10,6 @@ Every stage is an ordinary run in its own sub-workdir, so rerunning the demo res
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import jax

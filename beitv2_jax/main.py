@@ -5,7 +5,6 @@ resumes a run from its last checkpoint with no other flag.
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 

@@ -5,9 +5,7 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import portpicker
-import pytest
 
 from helpers import ROOT, params_of, assert_trees_equal
 

@@ -1,12 +1,10 @@
 """MIM pretraining: aggregation-head wiring, loss against a direct computation, 8 vs 1 devices, load/export."""
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import beitv2_jax
 from beitv2_jax import main as entry, parallel

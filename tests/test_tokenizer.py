@@ -3,13 +3,12 @@ import json
 import os
 
 import numpy as np
-import jax.numpy as jnp
 import pytest
 
 import beitv2_jax
 from beitv2_jax import main as entry
 from beitv2_jax.train.writer import read_metrics
-from helpers import ROOT, SHARED_DIR, load_config, tokenizer_config
+from helpers import SHARED_DIR, load_config, tokenizer_config
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def test_timm_parity_both_ways(tmp_path):
   beitv2_jax.export_state_dict(model, out)
   tm2 = timm.create_model("beitv2_base_patch16_224", pretrained=False).eval()
   from safetensors.torch import load_file
-  missing, unexpected = tm2.load_state_dict(load_file(out), strict=True), None
+  tm2.load_state_dict(load_file(out), strict=True)
   with torch.no_grad():
     ref2 = tm2(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
   np.testing.assert_allclose(ref2, ref, atol=1e-5, rtol=0)

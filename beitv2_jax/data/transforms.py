@@ -7,7 +7,7 @@ the device inside the jitted step and are exactly ToTensor (/255) and Normalize.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps

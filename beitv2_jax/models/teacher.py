@@ -39,8 +39,10 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: nn.gelu(x, approximat
 
 
 class _Attention(nn.Module):
+  """Multi-head attention with biased q/k/v projections named after the checkpoint's modules; without an
+  output name it returns the merged heads (HF ViT keeps its output projection in another module)."""
   heads: int
-  names: tuple  # (q, k, v, out) module paths
+  names: tuple  # (q, k, v, out or None) module names
   dtype: Any
 
   @nn.compact
@@ -53,7 +55,7 @@ class _Attention(nn.Module):
     v = dense(v_name)(x).reshape(b, n, self.heads, -1)
     attn = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32), -1)
     out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(self.dtype), v).reshape(b, n, d)
-    return dense(o_name)(out)
+    return dense(o_name)(out) if o_name else out
 
 
 class _Nest(nn.Module):
@@ -173,23 +175,14 @@ class DINOViT(nn.Module):
 
 
 class _HFViTAttention(nn.Module):
+  """HF ViT nesting: attention/attention/{query,key,value} and attention/output/dense."""
   heads: int
   dtype: Any
 
   @nn.compact
   def __call__(self, x):
-    b, n, d = x.shape
-
-    def inner(m, x):
-      dense = lambda name: nn.Dense(d, dtype=self.dtype, name=name)
-      q = dense("query")(x).reshape(b, n, self.heads, -1) * (d // self.heads) ** -0.5
-      k = dense("key")(x).reshape(b, n, self.heads, -1)
-      v = dense("value")(x).reshape(b, n, self.heads, -1)
-      attn = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32), -1)
-      return jnp.einsum("bhqk,bkhd->bqhd", attn.astype(self.dtype), v).reshape(b, n, d)
-
-    h = _Nest(inner, name="attention")(x)
-    return _Nest(lambda m, y: nn.Dense(d, dtype=self.dtype, name="dense")(y), name="output")(h)
+    h = _Attention(self.heads, ("query", "key", "value", None), self.dtype, name="attention")(x)
+    return _Nest(lambda m, y: nn.Dense(x.shape[-1], dtype=self.dtype, name="dense")(y), name="output")(h)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Numerics: parameters, LayerNorms, softmax and the residual stream are float32; m
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from beitv2_jax import api, flops, parallel
-from beitv2_jax.data import pipeline, sources, transforms
+from beitv2_jax import api, flops
+from beitv2_jax.data import transforms
 from beitv2_jax.models.vit import VisionTransformer
 from beitv2_jax.train import optim
 from beitv2_jax.train.loop import Task, TrainState
@@ -87,18 +87,13 @@ class _ClassifierTask(Task):
 
   def evaluate(self, state) -> dict:
     c = self.config
-    split = c.data.get("eval_split", "")
-    if not split:
-      return {}
-    source = sources.make_source(c.data.name, split)
-    eval_fn = jax.jit(self._eval_batch)
-    frozen = jax.device_put(self.frozen, parallel.replicated(self.mesh))
+    eval_fn, frozen = jax.jit(self._eval_batch), self.replicated_frozen()
     sums = np.zeros(3)
-    for local in pipeline.eval_batches(source, transforms.EvalTransform(c.model.img_size, c.get("crop_pct", 0.875)),
-                                       c.batch_size):
-      local.pop("bad", None)
-      sums += np.asarray(jax.device_get(eval_fn(state, parallel.to_global(local, self.mesh), frozen)))
-    return {"top1": sums[0] / max(sums[2], 1), "top5": sums[1] / max(sums[2], 1)}
+    for batch in self.eval_batches(transforms.EvalTransform(c.model.img_size, c.get("crop_pct", 0.875))):
+      sums += np.asarray(jax.device_get(eval_fn(state, batch, frozen)))
+    if not sums[2]:
+      return {}
+    return {"top1": sums[0] / sums[2], "top5": sums[1] / sums[2]}
 
   def _eval_batch(self, state, batch, frozen):
     logits = self.logits(state, batch, frozen, train=False)
@@ -184,10 +179,9 @@ class FinetuneTask(_ClassifierTask):
       return jnp.mean(optax.softmax_cross_entropy(logits, targets)), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = self.tx(state.params).update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state, opt_metrics = self.apply_gradients(state, grads)
     acc = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
-    metrics = {"loss": loss, "train_acc": acc, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state.step)}
+    metrics = {"loss": loss, "train_acc": acc, **opt_metrics}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -272,11 +266,9 @@ class LinearProbeTask(_ClassifierTask):
       return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = self.tx(state.params).update(grads, state.opt_state, state.params)
-    metrics = {"loss": loss, "train_acc": jnp.mean(jnp.argmax(logits, -1) == labels),
-               "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state.step)}
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state, extra=extra), metrics
+    params, opt_state, opt_metrics = self.apply_gradients(state, grads)
+    metrics = {"loss": loss, "train_acc": jnp.mean(jnp.argmax(logits, -1) == labels), **opt_metrics}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra), metrics
 
 
 def load_encoder(config) -> api.Model:

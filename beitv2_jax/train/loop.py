@@ -6,7 +6,6 @@ Reads top to bottom: mesh -> input -> sharded init or restore -> compiled step -
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -16,7 +15,6 @@ from typing import Any, Callable, Optional
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from beitv2_jax import checkpoint, parallel
@@ -91,6 +89,28 @@ class Task:
   frozen: Any = None
 
   # --- shared helpers -----------------------------------------------------------------------------
+  def apply_gradients(self, state: TrainState, grads) -> tuple[Any, Any, dict]:
+    """One optimizer update: (new params, new optimizer state, {grad_norm, lr})."""
+    import optax
+    updates, opt_state = self.tx(state.params).update(grads, state.opt_state, state.params)
+    return (optax.apply_updates(state.params, updates), opt_state,
+            {"grad_norm": optax.tree.norm(grads), "lr": self.schedule(state.step)})
+
+  def eval_batches(self, transform: Callable):
+    """Global batches of the held-out split (`data.eval_split`; none when it is empty), each example once
+    (padding rows have valid=0)."""
+    c = self.config
+    split = c.data.get("eval_split", "")
+    if not split:
+      return
+    source = sources.make_source(c.data.name, split)
+    for local in pipeline.eval_batches(source, transform, c.batch_size, seed=c.seed):
+      local.pop("bad", None)
+      yield parallel.to_global(local, self.mesh)
+
+  def replicated_frozen(self):
+    return jax.device_put(self.frozen, parallel.replicated(self.mesh))
+
   def train_data(self):
     c = self.config
     return pipeline.train_dataset(self.train_source, self.train_transform(), c.batch_size, c.seed,

@@ -1,7 +1,6 @@
 """Task `pretrain`: BEiT v2 masked image modeling on the codes of a frozen VQ-KD tokenizer (spec §3)."""
 from __future__ import annotations
 
-import logging
 import os
 
 import jax
@@ -10,7 +9,7 @@ import numpy as np
 import optax
 
 from beitv2_jax import api, flops, parallel
-from beitv2_jax.data import pipeline, sources, transforms
+from beitv2_jax.data import transforms
 from beitv2_jax.data.masking import MaskingGenerator
 from beitv2_jax.models import quantizer
 from beitv2_jax.models.mim import BEiTForMIM, backbone_defaults, masked_positions
@@ -162,19 +161,14 @@ class PretrainTask(Task):
       return loss1 + loss2, {"loss_1": loss1, "loss_2": loss2, "mlm_acc_1": acc1.mean(), "mlm_acc_2": acc2.mean()}
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = self.tx(state.params).update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state.step)}
+    params, opt_state, opt_metrics = self.apply_gradients(state, grads)
+    metrics = {"loss": loss, **aux, **opt_metrics}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def evaluate(self, state) -> dict:
     """MIM accuracy of both heads on the held-out split, and the majority-code baseline."""
     c = self.config
-    split = c.data.get("eval_split", "")
-    if not split:
-      return {}
-    source = sources.make_source(c.data.name, split)
-    frozen = jax.device_put(self.frozen, parallel.replicated(self.mesh))
+    frozen = self.replicated_frozen()
 
     @jax.jit
     def eval_fn(params, batch, frozen):
@@ -186,11 +180,12 @@ class PretrainTask(Task):
     sums = np.zeros(4)
     hist = np.zeros(self.kwargs["vocab_size"])
     transform = MIMEval(c.model.img_size, self.second_size, self.mask_generator)
-    for local in pipeline.eval_batches(source, transform, c.batch_size, seed=c.seed):
-      local.pop("bad", None)
-      out = jax.device_get(eval_fn(state.params, parallel.to_global(local, self.mesh), frozen))
+    for batch in self.eval_batches(transform):
+      out = jax.device_get(eval_fn(state.params, batch, frozen))
       sums += np.array([float(x) for x in out[:4]])
       hist += out[4]
-    n = max(sums[3], 1)
+    if not sums[3]:
+      return {}
+    n = sums[3]
     return {"eval_mlm_acc_1": sums[0] / n, "eval_mlm_acc_2": sums[1] / n, "eval_loss_1": sums[2] / n,
             "eval_majority_code_acc": float(hist.max() / n)}

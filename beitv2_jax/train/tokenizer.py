@@ -6,10 +6,9 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from beitv2_jax import flops, parallel
-from beitv2_jax.data import pipeline, sources, transforms
+from beitv2_jax import flops
+from beitv2_jax.data import transforms
 from beitv2_jax.models import quantizer, teacher as teacher_lib
 from beitv2_jax.models.vqkd import VQKD, decoder_defaults, encoder_defaults
 from beitv2_jax.train import optim
@@ -127,12 +126,11 @@ class TokenizerTask(Task):
       return rec_loss + commit, (cb, jax.lax.stop_gradient(z), ids, rec_loss, commit)
 
     (loss, (cb, z, ids, rec_loss, commit)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = self.tx(state.params).update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state, opt_metrics = self.apply_gradients(state, grads)
     cb = quantizer.ema_update(cb, z, ids, m.ema_decay, state.step, restart_after=m.dead_code_restart_steps,
                               restart_key=k_restart)
-    metrics = {"loss": loss, "rec_loss": rec_loss, "quant_loss": commit, "grad_norm": optax.tree.norm(grads),
-               "lr": self.schedule(state.step), **quantizer.usage_metrics(cb.interval_counts)}
+    metrics = {"loss": loss, "rec_loss": rec_loss, "quant_loss": commit, **opt_metrics,
+               **quantizer.usage_metrics(cb.interval_counts)}
     # codebook_usage covers one log interval: reset the counts at each log step
     at_log = (state.step + 1) % self.config.log_every_steps == 0
     cb = cb.replace(interval_counts=jnp.where(at_log, 0.0, cb.interval_counts))
@@ -141,21 +139,16 @@ class TokenizerTask(Task):
   def evaluate(self, state: TrainState) -> dict:
     """rec_loss and codebook usage over the whole held-out split."""
     c = self.config
-    split = c.data.get("eval_split", "")
-    if not split:
-      return {}
-    source = sources.make_source(c.data.name, split)
-    eval_fn = jax.jit(self._eval_batch)
-    frozen = jax.device_put(self.frozen, parallel.replicated(self.mesh))
+    eval_fn, frozen = jax.jit(self._eval_batch), self.replicated_frozen()
     total, count = 0.0, 0
     counts = np.zeros(c.model.codebook_size, np.int64)
-    for local in pipeline.eval_batches(source, transforms.EvalTransform(c.model.img_size), c.batch_size):
-      local.pop("bad", None)
-      batch = parallel.to_global(local, self.mesh)
+    for batch in self.eval_batches(transforms.EvalTransform(c.model.img_size)):
       loss_sum, n, hist = jax.device_get(eval_fn(state.params, state.extra, batch, frozen))
       total, count = total + float(loss_sum), count + int(n)
       counts += hist.astype(np.int64)
-    return {"eval_rec_loss": total / max(count, 1), "eval_codebook_usage": float(np.mean(counts > 0)),
+    if not count:
+      return {}
+    return {"eval_rec_loss": total / count, "eval_codebook_usage": float(np.mean(counts > 0)),
             "eval_unused_codes": int(np.sum(counts == 0))}
 
   def _eval_batch(self, params, codebook, batch, teacher_params):
