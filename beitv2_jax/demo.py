@@ -80,6 +80,9 @@ def results_table(r: dict, config) -> str:
       ("Tokenizer", "codebook usage, last interval",
        f"{t.get('codebook_usage', float('nan')):.1%} of {config.tokenizer.model.codebook_size}"),
       ("Tokenizer", "teacher", "random CLIP (no weights offline)" if teacher == "random" else teacher),
+      ("MIM", "masked-token accuracy, main head (training batches, last interval)",
+       f"{p.get('mlm_acc_1', float('nan')):.1%}"),
+      ("MIM", "always the batch's most frequent code (training batches)", f"{p.get('mlm_majority_acc', float('nan')):.1%}"),
       ("MIM", "masked-token accuracy, main head (held-out)", f"{p.get('eval_mlm_acc_1', float('nan')):.1%}"),
       ("MIM", "masked-token accuracy, aggregation head (held-out)", f"{p.get('eval_mlm_acc_2', float('nan')):.1%}"),
       ("MIM", "majority-code baseline (held-out)", f"{p.get('eval_majority_code_acc', float('nan')):.1%}"),
@@ -103,7 +106,7 @@ def pictures(config, workdir, tok_dir, pt_dir):
   tok = api.load(tok_dir)
   mim = api.load(pt_dir)
   size = config.pretrain.model.img_size
-  source = sources.make_source(config.pretrain.data.name, "val")
+  source = sources.make_source(config.pretrain.data.name, "all")  # centre crops of every image
   view = transforms.EvalTransform(size)
   from PIL import Image
   n_show = 8
@@ -139,7 +142,7 @@ def pictures(config, workdir, tok_dir, pt_dir):
     counts += np.bincount(ids.ravel(), minlength=len(counts))
   fig, ax = plt.subplots(figsize=(8, 3))
   ax.bar(np.arange(len(counts)), np.sort(counts)[::-1], width=1.0)
-  ax.set(title=f"codebook usage on held-out images: {np.mean(counts > 0):.0%} of {len(counts)} codes used",
+  ax.set(title=f"codebook usage on centre crops: {np.mean(counts > 0):.0%} of {len(counts)} codes used",
          xlabel="code (sorted by frequency)", ylabel="count", yscale="log")
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "codebook_usage.png"), dpi=90)

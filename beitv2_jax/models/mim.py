@@ -84,9 +84,10 @@ class BEiTForMIM(nn.Module):
     agg = self.logits(x, idx)
     return main, agg
 
+  @nn.nowrap
   def vit_module(self) -> VisionTransformer:
     """The backbone as a standalone module (params: this model's `backbone` subtree)."""
-    return VisionTransformer(**self.backbone, dtype=self.dtype, scan=self.scan, remat=self.remat)
+    return VisionTransformer(**self.backbone, dtype=self.dtype, scan=self.scan, remat=self.remat, parent=None)
 
   def fix_init(self, params: dict) -> dict:
     params = dict(params)

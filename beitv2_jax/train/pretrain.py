@@ -156,9 +156,12 @@ class PretrainTask(Task):
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-      ce1, ce2, acc1, acc2, _ = self.losses(params, batch, frozen, True, rng)
+      ce1, ce2, acc1, acc2, labels = self.losses(params, batch, frozen, True, rng)
       loss1, loss2 = ce1.mean(), ce2.mean()
-      return loss1 + loss2, {"loss_1": loss1, "loss_2": loss2, "mlm_acc_1": acc1.mean(), "mlm_acc_2": acc2.mean()}
+      # the baseline mlm_acc must beat: always predicting this batch's most frequent code
+      counts = jnp.zeros((self.kwargs["vocab_size"],), jnp.float32).at[labels.reshape(-1)].add(1.0)
+      return loss1 + loss2, {"loss_1": loss1, "loss_2": loss2, "mlm_acc_1": acc1.mean(), "mlm_acc_2": acc2.mean(),
+                             "mlm_majority_acc": counts.max() / labels.size}
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     params, opt_state, opt_metrics = self.apply_gradients(state, grads)
