@@ -157,3 +157,16 @@ def test_every_rand_augment_op_runs_at_every_magnitude():
     for level in (0.0, 5.0, 9.0, 10.0):
       out = transforms.apply_op(im, name, level, rng)
       assert out.size == im.size and out.mode == "RGB"
+
+
+def test_tfds_imagenet_source_through_the_pipeline():
+  """The tfds path (array_record via as_data_source, no TensorFlow) on tfds' mock imagenet2012 records,
+  which have the real feature spec: decoded uint8 images of any size, 1000 classes, 'val' -> 'validation'."""
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    src = sources.make_source("tfds:imagenet2012", "train")
+    val = sources.make_source("tfds:imagenet2012", "val")
+    assert len(src) == 12 and src.num_classes == 1000 and val.name.endswith("/validation")
+    mg = masking.MaskingGenerator.from_ratio((8, 8), 0.4)
+    batch = next(iter(pipeline.train_dataset(src, transforms.MIMTrain(32, mg), 8, seed=0, read_threads=0)))
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["label"].max() < 1000 and batch["bad"].sum() == 0
