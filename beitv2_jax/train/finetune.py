@@ -155,11 +155,8 @@ class FinetuneTask(_ClassifierTask):
   def model_info(self):
     return {"kind": "classifier", "model": dict(self.kwargs, scan=self.config.model.scan)}
 
-  def logits(self, state, batch, frozen, train=False, rng=None, images=None):
-    x = imagenet_normalize(batch["image"]) if images is None else images
-    out = self.model.apply({"params": state.params if hasattr(state, "params") else state}, x, train=train,
-                           rngs={"dropout": rng} if rng is not None else {})
-    return out["logits"]
+  def logits(self, state, batch, frozen, train=False):
+    return self.model.apply({"params": state.params}, imagenet_normalize(batch["image"]), train=train)["logits"]
 
   def train_step(self, state, batch, frozen):
     a = self.config.aug

@@ -254,14 +254,13 @@ def run(task: Task) -> tuple[TrainState, dict]:
         last_metrics["preempted_at"] = step
         return state, last_metrics
     ckpt.wait()
-    if total > start or start == total:
-      ev = task.evaluate(state)
-      if ev:
-        writer.write(total, ev)
-        last_metrics.update(ev)
-        if is_main:
-          print(f"[{task.name}] eval at step {total}: " +
-                " | ".join(f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, (int, float))), flush=True)
+    ev = task.evaluate(state)
+    if ev:
+      writer.write(total, ev)
+      last_metrics.update(ev)
+      if is_main:
+        print(f"[{task.name}] eval at step {total}: " +
+              " | ".join(f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, (int, float))), flush=True)
   finally:
     ckpt.close()
     writer.close()
