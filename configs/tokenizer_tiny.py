@@ -29,6 +29,7 @@ def get_config(arg: str = ""):
                       dead_code_restart_steps=20)
   c.teacher = "random"
   c.teacher_dtype = "float32"
+  c.teacher_resize = False           # True: resize image + teacher features when the grids differ (non-official)
   c.random_teacher = dict(width=64, depth=2, heads=2, dim=32, seed=0)
   c.optim.update(lr=5e-4, scale_lr_by_batch=False, min_lr=1e-5, b1=0.9, b2=0.99, eps=1e-8,
                  weight_decay=1e-4, clip_grad=0.0)

@@ -85,3 +85,21 @@ def test_image_size_must_divide_by_patch(tmp_path):
   c = tokenizer_config(steps=2, **{"model.img_size": 30})
   with pytest.raises(ValueError, match="not divisible"):
     entry.run(c, str(tmp_path / "y"))
+
+
+def test_teacher_with_another_grid_needs_teacher_resize(tmp_path):
+  """A CLIP at 48 px / patch 8 (6x6 tokens) teaching a 32 px / patch 4 (8x8) tokenizer: an error naming
+  both grids, or, with teacher_resize, a run whose targets are resized to 8x8."""
+  transformers = pytest.importorskip("transformers")
+  cfg = transformers.CLIPConfig(
+      text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       vocab_size=100, max_position_embeddings=16),
+      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         image_size=48, patch_size=8), projection_dim=16)
+  transformers.FlaxCLIPModel(cfg, seed=0).save_pretrained(tmp_path / "clip")
+  c = tokenizer_config(steps=2, teacher=str(tmp_path / "clip"))
+  with pytest.raises(ValueError, match="6x6 token grid .* 8x8"):
+    entry.run(c, str(tmp_path / "no"))
+  c = tokenizer_config(steps=2, teacher=str(tmp_path / "clip"), teacher_resize=True)
+  entry.run(c, str(tmp_path / "yes"))
+  assert beitv2_jax.load(str(tmp_path / "yes")).decode(np.zeros((1, 64), np.int32)).shape == (1, 64, 16)

@@ -205,8 +205,20 @@ class Teacher:
     mean, std = (CLIP_MEAN, CLIP_STD) if self.kind == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
     return (x01 - jnp.asarray(mean)) / jnp.asarray(std)
 
-  def apply(self, params, images01: Array) -> Array:
-    return jax.lax.stop_gradient(self.module.apply({"params": params}, self.normalise(images01)))
+  def apply(self, params, images01: Array, grid: int = 0) -> Array:
+    """Teacher features (B, N, dim). With `grid` set and different from the teacher's own token grid
+    (a non-official option, `teacher_resize`), the image is resized to the teacher's input size and its
+    feature map resized (bilinear, antialiased) to grid x grid."""
+    x = self.normalise(images01)
+    b, size = x.shape[0], self.module.image_size
+    if x.shape[1] != size or x.shape[2] != size:
+      x = jax.image.resize(x, (b, size, size, x.shape[-1]), "bicubic")
+    feats = jax.lax.stop_gradient(self.module.apply({"params": params}, x))
+    g = self.grid()
+    if grid and grid != g:
+      feats = jax.image.resize(feats.reshape(b, g, g, -1), (b, grid, grid, feats.shape[-1]), "linear")
+      feats = feats.reshape(b, grid * grid, -1)
+    return feats
 
   def target(self, images01: Array) -> Array:
     return self.apply(self.params, images01)

@@ -46,12 +46,18 @@ def build_teacher(config) -> teacher_lib.Teacher:
     logging.warning("teacher: %s -- its features carry no meaning; use a real CLIP for real tokenizers", t.source)
     return t
   t = teacher_lib.load_teacher(config.teacher, dtype=dtype)
-  if t.module.patch_size != m.patch_size or t.module.image_size != m.img_size:
-    raise ValueError(
-        f"teacher {config.teacher} has a {t.grid()}x{t.grid()} token grid ({t.module.image_size} px, patch "
-        f"{t.module.patch_size}) but the tokenizer has {m.img_size // m.patch_size}x{m.img_size // m.patch_size} "
-        f"({m.img_size} px, patch {m.patch_size}); the teacher sees the same image, so they must match")
-  return t
+  grid = m.img_size // m.patch_size
+  if t.module.image_size == m.img_size and t.grid() == grid:
+    return t
+  if config.get("teacher_resize", False):
+    logging.warning("teacher_resize: images resized to the teacher's %d px and its %dx%d features to %dx%d "
+                    "(not in the official recipe)", t.module.image_size, t.grid(), t.grid(), grid, grid)
+    return t
+  raise ValueError(
+      f"teacher {config.teacher} has a {t.grid()}x{t.grid()} token grid ({t.module.image_size} px, patch "
+      f"{t.module.patch_size}) but the tokenizer has {grid}x{grid} ({m.img_size} px, patch {m.patch_size}); "
+      f"the teacher sees the same image, so they must match (or set teacher_resize=True to resize the image "
+      f"and the teacher's feature map)")
 
 
 def cosine_rec_loss(rec: jax.Array, target: jax.Array) -> jax.Array:
@@ -80,7 +86,7 @@ class TokenizerTask(Task):
     lr = o.lr * config.batch_size / 128 if o.get("scale_lr_by_batch", True) else o.lr
     self.schedule = optim.warmup_cosine(lr, self.total_steps, self.warmup_steps, o.min_lr)
     self.frozen = self.teacher.params
-    grid = m.img_size // m.patch_size
+    grid = self.grid = m.img_size // m.patch_size
     n = grid * grid + 1
     enc = flops.vit_forward_flops(m.img_size, m.patch_size, m.embed_dim, m.depth)
     dec = m.decoder_depth * flops.block_forward_flops(n, m.decoder_embed_dim) + flops.linear_flops(
@@ -115,7 +121,7 @@ class TokenizerTask(Task):
     rng = jax.random.fold_in(state.rng, state.step)
     k_kmeans, k_drop, k_restart = jax.random.split(rng, 3)
     images = batch["image"].astype(jnp.float32) / 255.0
-    target = self.teacher.apply(teacher_params, images)
+    target = self.teacher.apply(teacher_params, images, self.grid)
 
     def loss_fn(params):
       z = self.model.apply({"params": params}, images, method=VQKD.encode)
@@ -157,7 +163,7 @@ class TokenizerTask(Task):
     z = self.model.apply({"params": params}, images, method=VQKD.encode)
     zq, _, ids = quantizer.quantize(codebook.embedding, z)
     rec = self.model.apply({"params": params}, zq, method=VQKD.decode)
-    target = self.teacher.apply(teacher_params, images)
+    target = self.teacher.apply(teacher_params, images, self.grid)
     per_image = jnp.mean(1.0 - jnp.sum(quantizer.l2norm(rec) * quantizer.l2norm(target), -1), axis=-1)
     hist = jnp.zeros((codebook.size,), jnp.float32).at[ids.reshape(-1)].add(
         jnp.repeat(valid, ids.shape[1]))
