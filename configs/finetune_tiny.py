@@ -1,8 +1,8 @@
 """Tiny fine-tuning for 2 CPU cores: MNIST-5k digits at 32 px, from `init_from` (a pretrain_tiny workdir)
 or from scratch when it is empty.
 
-Run:  python -m beitv2_jax.main --config=configs/finetune_tiny.py --workdir=/tmp/ft_tiny \
-          --config.init_from=/tmp/pt_tiny
+Run:  python -m beitv2_jax.main --config=configs/finetune_tiny.py --workdir=workdirs/ft_tiny \
+          --config.init_from=workdirs/pt_tiny
 Expected: the pretrained init beats the same model from scratch at equal steps (see benchmarks/RESULTS.md).
 """
 from beitv2_jax.config_defaults import base, vit_model

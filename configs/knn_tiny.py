@@ -1,6 +1,6 @@
 """Weighted k-NN (k 20, T 0.07, cosine; DINO / iBOT protocol) on frozen features of the offline digits.
 
-Run:  python -m beitv2_jax.main --config=configs/knn_tiny.py --workdir=/tmp/knn --config.init_from=/tmp/pt_tiny
+Run:  python -m beitv2_jax.main --config=configs/knn_tiny.py --workdir=workdirs/knn --config.init_from=workdirs/pt_tiny
 `init_from` empty evaluates the same architecture at random init (the baseline).
 """
 from beitv2_jax.config_defaults import base, vit_model

@@ -6,7 +6,7 @@ aggregation trains; `probe.pool='mean'` for mean-pooled patch tokens, `probe.lay
 optional parameter-free BatchNorm (`probe.batchnorm`, as MAE), one linear layer trained with AdamW and a
 cosine schedule on RandomResizedCrop + flip, evaluated with resize + centre crop.
 
-Run:  python -m beitv2_jax.main --config=configs/linprobe_tiny.py --workdir=/tmp/lp --config.init_from=/tmp/pt_tiny
+Run:  python -m beitv2_jax.main --config=configs/linprobe_tiny.py --workdir=workdirs/lp --config.init_from=workdirs/pt_tiny
 `init_from` empty probes the same architecture at random init (the baseline).
 """
 from beitv2_jax.config_defaults import base, vit_model

@@ -1,6 +1,6 @@
 """Tiny BEiT v2 pretraining for 2 CPU cores on real offline images, tokenizer included.
 
-Run:  python -m beitv2_jax.main --config=configs/pretrain_tiny.py --workdir=/tmp/pt_tiny
+Run:  python -m beitv2_jax.main --config=configs/pretrain_tiny.py --workdir=workdirs/pt_tiny
 With an empty tokenizer_path it first trains configs/tokenizer_tiny.py into WORKDIR/tokenizer, so this one
 command shows the whole of stage 1 + 2. Data: the scikit-image photos, random 32 px crops, an 8x8 grid of
 4 px patches, 40% masked (26 of 64) in blocks; evaluated on centre crops of the held-out photos.

@@ -1,6 +1,6 @@
 """A tiny VQ-KD tokenizer for 2 CPU cores, on real images that install offline.
 
-Run:  python -m beitv2_jax.main --config=configs/tokenizer_tiny.py --workdir=/tmp/tok_tiny
+Run:  python -m beitv2_jax.main --config=configs/tokenizer_tiny.py --workdir=workdirs/tok_tiny
 Data: `photos` (the natural photos inside scikit-image; random crops at 32 px) by default;
       `--config.data.name=mnist5k` for the MNIST digits.
 Teacher: a randomly initialised tiny CLIP (no weights can be downloaded offline), so the codes are a
