@@ -25,7 +25,8 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.stop_after_steps = 0        # > 0: save and exit at this step; the same command resumes
 
   c.data = ml_collections.ConfigDict(dict(
-      name="mnist5k", train_split="train", eval_split="val", num_workers=0, read_threads=4))
+      name="mnist5k", train_split="train", eval_split="val", num_workers=0, read_threads=4,
+      device_prefetch=2))  # batches kept in flight to the devices ahead of the step
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # data=-1: all devices / fsdp
   c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
   c.wandb = ml_collections.ConfigDict(dict(enabled=False, project="beitv2_jax", name=""))
@@ -35,7 +36,12 @@ def base(task: str) -> ml_collections.ConfigDict:
 
 
 def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
-  """Backbone sizes: tiny (CPU tests and demos), base, large."""
+  """Backbone sizes: tiny (CPU tests and demos), base, large.
+
+  Execution fields (no effect on the math beyond rounding, never stored with a checkpoint): dtype of the
+  matmuls, scan over blocks, remat policy, attention ("auto": cuDNN flash attention on GPUs in bf16, the
+  explicit XLA form elsewhere; "xla" | "cudnn" force one; see beitv2_jax/models/attention.py).
+  """
   sizes = {
       "tiny": dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2),
       "small": dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4),
@@ -44,6 +50,7 @@ def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
   }
   if size not in sizes:
     raise ValueError(f"unknown model size {size!r}: expected one of {sorted(sizes)}")
-  m = dict(sizes[size], mlp_ratio=4.0, dtype="float32", scan=False, remat="none")
+  m = dict(sizes[size], mlp_ratio=4.0, dtype="float32", scan=False, remat="none",
+           attention="auto")
   m.update(kw)
   return ml_collections.ConfigDict(m)

@@ -3,7 +3,8 @@ steps, on synthetic device-resident batches (the input pipeline has its own benc
 
   python benchmarks/train_step.py --size=tiny                       # CPU smoke test (CI runs it)
   python benchmarks/train_step.py --size=base --dtype=bfloat16 --batch=128 --tasks=pretrain
-  python benchmarks/train_step.py --size=base --max-batch           # largest per-device batch, +/- remat
+  python benchmarks/train_step.py --size=base --tasks=pretrain --attention=xla,cudnn --host-input
+  python benchmarks/train_step.py --size=base --max-batch --remat=none,full   # largest per-device batch
   python benchmarks/train_step.py --size=tiny --torch               # side by side with timm's Beit (finetune)
 MFU = model FLOPs per image x img/s / (bf16 peak x devices); remat recompute is not counted.
 """
@@ -21,17 +22,19 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from beitv2_jax import parallel  # noqa: E402
+from beitv2_jax.data import pipeline  # noqa: E402
+from beitv2_jax.models import attention as attention_lib  # noqa: E402
 from beitv2_jax.config_defaults import base, vit_model  # noqa: E402
 from beitv2_jax.train.loop import device_peak_flops  # noqa: E402
 
 
-def make_config(task: str, size: str, dtype: str, batch: int, remat: str, scan: bool):
+def make_config(task: str, size: str, dtype: str, batch: int, remat: str, scan: bool, attention: str = "auto"):
   c = base(task)
   c.data.name = "synthetic:1024"
   c.batch_size = batch
   c.total_steps = 1000
   c.warmup_steps = 10
-  m = vit_model(size, dtype=dtype, remat=remat, scan=scan)
+  m = vit_model(size, dtype=dtype, remat=remat, scan=scan, attention=attention)
   if task == "tokenizer":
     m.update(dict(decoder_depth=3 if size != "tiny" else 1, decoder_embed_dim=m.embed_dim,
                   decoder_num_heads=m.num_heads, codebook_size=8192 if size != "tiny" else 512, codebook_dim=32,
@@ -61,7 +64,9 @@ def make_config(task: str, size: str, dtype: str, batch: int, remat: str, scan: 
   return c
 
 
-def synthetic_batch(task_obj, task: str, batch: int, size: int, grid: int, mesh):
+def synthetic_batch(task_obj, task: str, batch: int) -> dict:
+  """Host (numpy) batch with the fields and dtypes the task's pipeline produces."""
+  size = task_obj.config.model.img_size
   rng = np.random.default_rng(0)
   b = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
        "label": rng.integers(0, 1000, (batch,), dtype=np.int32)}
@@ -71,34 +76,58 @@ def synthetic_batch(task_obj, task: str, batch: int, size: int, grid: int, mesh)
                           for i in range(batch)])
   if task == "finetune":
     b["erase"] = np.zeros((batch, size, size), np.uint8)
-  return parallel.to_global(b, mesh)
+  return b
 
 
-def bench(task: str, size: str, dtype: str, batch: int, steps: int, remat: str = "none", scan: bool = False):
+def _build(task: str, size: str, dtype: str, batch: int, remat: str, scan: bool, attention: str):
   from beitv2_jax.main import get_task_class
   import tempfile
   mesh = parallel.make_mesh()
-  config = make_config(task, size, dtype, batch, remat, scan)
+  config = make_config(task, size, dtype, batch, remat, scan, attention)
   t = get_task_class(task)(config, tempfile.mkdtemp(), mesh)
   state_abs = jax.eval_shape(t.init_state, jax.random.PRNGKey(0))
   shardings = parallel.state_shardings(state_abs, mesh)
-  state = jax.jit(t.init_state, out_shardings=shardings)(jax.random.PRNGKey(0))
-  frozen = jax.device_put(t.frozen, parallel.replicated(mesh)) if t.frozen is not None else None
-  batch_arrays = synthetic_batch(t, task, batch, config.model.img_size,
-                                 config.model.img_size // config.model.patch_size, mesh)
   step = jax.jit(t.train_step, in_shardings=(shardings, parallel.batch_sharding(mesh), None),
                  out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  host_batch = synthetic_batch(t, task, batch)
+  frozen = jax.device_put(t.frozen, parallel.replicated(mesh)) if t.frozen is not None else None
+  return t, config, mesh, shardings, step, host_batch, frozen
+
+
+def compiled_bytes(task: str, size: str, dtype: str, batch: int, remat: str = "none", scan: bool = False,
+                   attention: str = "auto") -> int:
+  """Device bytes the compiled step needs (arguments + outputs + temporaries - donated), without running."""
+  t, config, mesh, shardings, step, host_batch, frozen = _build(task, size, dtype, batch, remat, scan, attention)
+  state_abs = jax.eval_shape(t.init_state, jax.random.PRNGKey(0))
+  batch_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host_batch)
+  m = step.lower(state_abs, batch_abs, frozen).compile().memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def bench(task: str, size: str, dtype: str, batch: int, steps: int, remat: str = "none", scan: bool = False,
+          attention: str = "auto", host_input: bool = False):
+  """Times `steps` train steps on a device-resident batch; with host_input also the same steps fed from
+  host memory every step, without and with DevicePrefetch (what the training loop does)."""
+  t, config, mesh, shardings, step, host_batch, frozen = _build(task, size, dtype, batch, remat, scan, attention)
+  state = jax.jit(t.init_state, out_shardings=shardings)(jax.random.PRNGKey(0))
+  batch_arrays = parallel.to_global(host_batch, mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch_arrays, frozen).compile()
   compile_s = time.perf_counter() - t0
-  for _ in range(2):  # warm-up
-    state, metrics = compiled(state, batch_arrays, frozen)
-  jax.block_until_ready(metrics)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = compiled(state, batch_arrays, frozen)
-  jax.block_until_ready((state, metrics))
-  dt = (time.perf_counter() - t0) / steps
+
+  def timed(next_batch) -> tuple[float, dict]:
+    """Seconds per step (after two warm-up steps) and the last step's metrics."""
+    nonlocal state
+    for _ in range(2):  # warm-up
+      state, metrics = compiled(state, next_batch(), frozen)
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = compiled(state, next_batch(), frozen)
+    jax.block_until_ready((state, metrics))
+    return (time.perf_counter() - t0) / steps, metrics
+
+  dt, metrics = timed(lambda: batch_arrays)
   img_s = batch / dt
   peak = device_peak_flops()
   tflops = t.flops_per_example * img_s / 1e12
@@ -108,14 +137,34 @@ def bench(task: str, size: str, dtype: str, batch: int, steps: int, remat: str =
     mem = stats.get("peak_bytes_in_use")
   except Exception:
     pass
-  row = dict(task=task, size=size, dtype=dtype, batch=batch, remat=remat, devices=jax.device_count(),
-             device=jax.devices()[0].device_kind, step_ms=1000 * dt, img_per_sec=img_s,
-             img_per_sec_per_device=img_s / jax.device_count(), gflops_per_img=t.flops_per_example / 1e9,
-             model_tflops=tflops, mfu=(tflops * 1e12 / (peak * jax.device_count())) if peak else None,
-             peak_mem_gb=mem / 2 ** 30 if mem else None, compile_s=compile_s,
-             loss=float(metrics["loss"]))
+  row = dict(task=task, size=size, dtype=dtype, batch=batch, remat=remat, scan=scan,
+             attention=attention_lib.resolve(attention, config.model.dtype, config.model.embed_dim // config.model.num_heads),
+             devices=jax.device_count(), device=jax.devices()[0].device_kind, step_ms=1000 * dt,
+             img_per_sec=img_s, img_per_sec_per_device=img_s / jax.device_count(),
+             gflops_per_img=t.flops_per_example / 1e9, model_tflops=tflops,
+             mfu=(tflops * 1e12 / (peak * jax.device_count())) if peak else None,
+             peak_mem_gb=mem / 2 ** 30 if mem else None, compile_s=compile_s, loss=float(metrics["loss"]))
+  if host_input:
+    # a fresh host batch every step: put synchronously before each step, then through DevicePrefetch
+    row["host_put_step_ms"] = 1000 * timed(lambda: parallel.to_global(host_batch, mesh))[0]
+    pre = pipeline.DevicePrefetch(_Repeat(host_batch), lambda b: parallel.to_global(b, mesh), depth=2)
+    row["prefetch2_step_ms"] = 1000 * timed(lambda: next(pre)[0])[0]
   assert np.isfinite(row["loss"]) and np.isfinite(row["step_ms"])
   return row
+
+
+class _Repeat:
+  """An endless host iterator over copies of one batch (with the get_state DevicePrefetch calls)."""
+
+  def __init__(self, batch):
+    self.batch, self.i = batch, 0
+
+  def __next__(self):
+    self.i += 1
+    return {k: v.copy() for k, v in self.batch.items()}
+
+  def get_state(self):
+    return {"i": self.i}
 
 
 def torch_finetune_step(size: str, batch: int, steps: int) -> dict:
@@ -145,28 +194,34 @@ def torch_finetune_step(size: str, batch: int, steps: int) -> dict:
               threads=torch.get_num_threads())
 
 
-def max_batch(task: str, size: str, dtype: str, remat: str) -> int:
-  """Largest per-device batch (powers of two, then bisection) whose step compiles and runs."""
+def max_batch(task: str, size: str, dtype: str, remat: str, attention: str = "auto") -> dict:
+  """Largest per-device batch that fits: the compiled step's bytes at two batch sizes give a linear
+  model (fixed + per-example), its prediction for the device's memory is then run for real, stepping down
+  by 10% on out-of-memory. Three compiles instead of a bisection's eight or more."""
   n = jax.device_count()
-  lo, hi = 0, 8
-  while True:
+  stats = jax.devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  if not limit:
+    raise RuntimeError("the device reports no memory limit (CPU?): --max-batch needs an accelerator")
+  b1, b2 = 32, 64
+  m1, m2 = (compiled_bytes(task, size, dtype, b * n, remat, attention=attention) for b in (b1, b2))
+  per_example = (m2 - m1) / (b2 - b1)
+  fixed = m1 - per_example * b1
+  guess = int((0.97 * limit - fixed) // per_example)
+  row = dict(task=task, size=size, dtype=dtype, remat=remat, bytes_limit_gb=limit / 2 ** 30,
+             fixed_gb=fixed / 2 ** 30, mb_per_example=per_example / 2 ** 20, predicted_max=guess)
+  b = guess
+  for _ in range(4):
     try:
-      bench(task, size, dtype, hi * n, 1, remat)
-      lo, hi = hi, hi * 2
+      r = bench(task, size, dtype, b * n, 3, remat, attention=attention)
+      row.update(max_batch_per_device=b, img_per_sec=r["img_per_sec"], mfu=r["mfu"], peak_mem_gb=r["peak_mem_gb"])
+      return row
     except Exception as e:  # out of memory
-      if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e) and "OOM" not in str(e):
+      if not any(s in str(e) for s in ("RESOURCE_EXHAUSTED", "Out of memory", "OOM", "out of memory")):
         raise
-      break
-    if hi > 4096:
-      return lo
-  while hi - lo > max(1, lo // 8):
-    mid = (lo + hi) // 2
-    try:
-      bench(task, size, dtype, mid * n, 1, remat)
-      lo = mid
-    except Exception:
-      hi = mid
-  return lo
+      b = int(b * 0.9)
+  row["max_batch_per_device"] = None
+  return row
 
 
 def main():
@@ -178,6 +233,9 @@ def main():
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--remat", default="none")
   ap.add_argument("--scan", action="store_true")
+  ap.add_argument("--attention", default="auto", help="comma list of auto | xla | cudnn, each timed")
+  ap.add_argument("--host-input", action="store_true",
+                  help="also time steps fed from host memory, without and with device prefetch")
   ap.add_argument("--max-batch", action="store_true")
   ap.add_argument("--torch", action="store_true", help="also time timm's Beit fine-tune step (CPU side by side)")
   ap.add_argument("--json", default="", help="append the rows as JSON lines to this file")
@@ -185,21 +243,23 @@ def main():
   dtype = a.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   batch = a.batch or (32 if a.size == "tiny" else 8 * jax.device_count())
   rows = []
+
+  def emit(row):  # print and save each row as soon as it exists: a long GPU run keeps what it measured
+    rows.append(row)
+    print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    if a.json:
+      with open(a.json, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
   for task in a.tasks.split(","):
-    if a.max_batch:
-      for remat in ("none", "full"):
-        rows.append(dict(task=task, size=a.size, dtype=dtype, remat=remat,
-                         max_batch_per_device=max_batch(task, a.size, dtype, remat)))
-    else:
-      rows.append(bench(task, a.size, dtype, batch, a.steps, a.remat, a.scan))
+    for attention in a.attention.split(","):
+      if a.max_batch:
+        for remat in a.remat.split(","):
+          emit(max_batch(task, a.size, dtype, remat, attention))
+      else:
+        emit(bench(task, a.size, dtype, batch, a.steps, a.remat, a.scan, attention, a.host_input))
   if a.torch:
-    rows.append(torch_finetune_step(a.size, batch, a.steps))
-  for r in rows:
-    print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
-  if a.json:
-    with open(a.json, "a") as f:
-      for r in rows:
-        f.write(json.dumps(r) + "\n")
+    emit(torch_finetune_step(a.size, batch, a.steps))
   return rows
 
 

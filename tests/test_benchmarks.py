@@ -16,11 +16,12 @@ def _run(*args):
 
 
 def test_train_step_benchmark_smoke():
-  out = _run("benchmarks/train_step.py", "--size=tiny", "--steps=1", "--batch=8")
+  out = _run("benchmarks/train_step.py", "--size=tiny", "--steps=1", "--batch=8", "--host-input")
   rows = [line for line in out.splitlines() if line.startswith("task=")]
   assert [r.split(" | ")[0] for r in rows] == ["task=tokenizer", "task=pretrain", "task=finetune"]
   for r in rows:
-    for key in ("step_ms", "img_per_sec", "model_tflops", "compile_s"):
+    assert "attention=xla" in r  # what "auto" means on a CPU
+    for key in ("step_ms", "img_per_sec", "model_tflops", "compile_s", "host_put_step_ms", "prefetch2_step_ms"):
       value = float(re.search(rf"{key}=([^ |]+)", r).group(1))
       assert math.isfinite(value) and value > 0
 

@@ -79,6 +79,30 @@ def test_same_seed_same_batches_and_resume_is_exact():
   assert not np.array_equal(other["image"], expected[0]["image"])
 
 
+@pytest.mark.parametrize("depth", [0, 2])
+def test_device_prefetch_saves_the_consumed_position(depth):
+  """With batches in flight, the saved state is still 'after the last consumed batch': a resumed iterator
+  continues with exactly the batch the step would have taken next."""
+  src = sources.make_source("digits", "train")
+  t = transforms.EvalTransform(32)
+  make = lambda: iter(pipeline.train_dataset(src, t, 8, seed=1, read_threads=0))
+  puts = []
+  pre = pipeline.DevicePrefetch(make(), lambda b: (puts.append(1), b)[1], depth=depth)
+  for _ in range(3):
+    next(pre)
+  assert len(puts) == 3 + depth  # the next `depth` batches were already sent
+  state = pre.get_state()
+  want = [next(pre)[0] for _ in range(2)]
+  resumed = pipeline.DevicePrefetch(make(), lambda b: b, depth=depth)
+  resumed.set_state(state)
+  for w in want:
+    got, bad = next(resumed)
+    assert bad == 0
+    np.testing.assert_array_equal(got["image"], w["image"])
+  with pytest.raises(ValueError, match="device_prefetch"):
+    pipeline.DevicePrefetch(make(), lambda b: b, depth=-1)
+
+
 def test_process_shards_are_disjoint_and_cover_the_epoch():
   src = sources.ArraySource(np.zeros((64, 8, 8, 3), np.uint8), np.arange(64), 64, "ids")
   t = transforms.EvalTransform(8, crop_pct=1.0)

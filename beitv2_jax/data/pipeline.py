@@ -9,6 +9,7 @@ iterator state (saved in every checkpoint) restores the exact next batch.
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Callable, Iterator, Optional
 
@@ -118,3 +119,48 @@ def eval_batches(source, transform: Callable, global_batch: int, seed: int = 0,
   rows = _EvalRows(ds, n, global_batch, pi, pc)
   local = grain.MapDataset.range(num_batches * lb).map(rows).batch(lb, drop_remainder=True)
   return iter(local.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+
+class DevicePrefetch:
+  """Wraps the host batch iterator: keeps the next `depth` batches already on their way to the devices
+  (`put` starts an asynchronous transfer) while the current step runs, so that the step never waits for
+  a host-to-device copy. Yields (device batch, number of replaced unreadable images).
+
+  Checkpoints must record the batches the steps consumed, not the ones in flight: `get_state` returns
+  the inner iterator's position after the last consumed batch, and `set_state` drops what was in flight.
+  It implements the protocol grain's orbax handler uses for iterators (bytes state, start_prefetch).
+  """
+
+  def __init__(self, iterator, put: Callable[[dict], dict], depth: int = 2):
+    if depth < 0:
+      raise ValueError(f"data.device_prefetch must be >= 0, got {depth}")
+    self._it, self._put, self._depth = iterator, put, depth
+    self._in_flight: list = []  # (device batch, bad, inner state after it)
+    self._consumed_state = None
+
+  def __iter__(self):
+    return self
+
+  def _pull(self):
+    local = next(self._it)
+    bad = int(np.sum(local.pop("bad", 0)))
+    self._in_flight.append((self._put(local), bad, self._it.get_state()))
+
+  def __next__(self):
+    if self._consumed_state is None:
+      self._consumed_state = self._it.get_state()
+    while len(self._in_flight) < self._depth + 1:
+      self._pull()
+    batch, bad, self._consumed_state = self._in_flight.pop(0)
+    return batch, bad
+
+  def get_state(self) -> bytes:
+    state = self._it.get_state() if self._consumed_state is None else self._consumed_state
+    return json.dumps(state, indent=4).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self._it.set_state(json.loads(state))
+    self._in_flight, self._consumed_state = [], None
+
+  def start_prefetch(self) -> None:
+    pass

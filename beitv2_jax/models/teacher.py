@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from beitv2_jax.convert import flatten, unflatten
+from beitv2_jax.models import attention as attention_lib
 
 Array = jax.Array
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -50,11 +51,8 @@ class _Attention(nn.Module):
     b, n, d = x.shape
     dense = lambda name, nout=d: nn.Dense(nout, dtype=self.dtype, name=name)
     q_name, k_name, v_name, o_name = self.names
-    q = dense(q_name)(x).reshape(b, n, self.heads, -1) * (d // self.heads) ** -0.5
-    k = dense(k_name)(x).reshape(b, n, self.heads, -1)
-    v = dense(v_name)(x).reshape(b, n, self.heads, -1)
-    attn = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32), -1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(self.dtype), v).reshape(b, n, d)
+    q, k, v = (dense(name)(x).reshape(b, n, self.heads, -1) for name in (q_name, k_name, v_name))
+    out = attention_lib.attention(q, k, v).reshape(b, n, d)  # "auto": fused on GPUs in 16-bit
     return dense(o_name)(out) if o_name else out
 
 

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from beitv2_jax.models import attention as attention_lib
+
 Array = jax.Array
 LN_EPS = 1e-6  # official BEiT; HF's BeitConfig default (1e-12) is wrong for these weights.
 
@@ -104,6 +106,7 @@ class Attention(nn.Module):
   window: Optional[Sequence[int]] = None  # per-layer relative position table when set
   init_style: str = "finetune"
   dtype: Any = jnp.float32
+  attention: str = "auto"  # models/attention.py: "auto" | "xla" | "cudnn"
 
   @nn.compact
   def __call__(self, x: Array, rel_pos_bias: Optional[Array] = None) -> Array:
@@ -117,16 +120,13 @@ class Attention(nn.Module):
     qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     qkv = qkv.reshape(b, n, 3, h, d // h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = q * (d // h) ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    bias = rel_pos_bias
     if self.window is not None:
       table = self.param("relative_position_bias_table", nn.initializers.zeros,
                          (num_relative_distance(self.window), h))
-      logits = logits + gather_rel_pos_bias(table, self.window)
-    if rel_pos_bias is not None:
-      logits = logits + rel_pos_bias
-    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
+      own = gather_rel_pos_bias(table, self.window)
+      bias = own if bias is None else own + bias
+    out = attention_lib.attention(q, k, v, bias, self.attention).reshape(b, n, d)
     return nn.Dense(d, kernel_init=kinit, bias_init=binit(d), dtype=self.dtype, name="proj")(out)
 
 
@@ -160,6 +160,7 @@ class Block(nn.Module):
   use_drop_path: bool = False
   init_style: str = "finetune"
   dtype: Any = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, rel_pos_bias: Optional[Array] = None, drop_path_rate: Array | float = 0.0,
@@ -167,7 +168,8 @@ class Block(nn.Module):
     d = x.shape[-1]
     ln = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name=name)
     branches = [
-        ("1", lambda y: Attention(self.num_heads, self.window, self.init_style, self.dtype, name="attn")(
+        ("1", lambda y: Attention(self.num_heads, self.window, self.init_style, self.dtype, self.attention,
+                                      name="attn")(
             y, rel_pos_bias)),
         ("2", lambda y: Mlp(int(d * self.mlp_ratio), self.init_style, self.dtype, name="mlp")(y)),
     ]
@@ -252,6 +254,7 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = False
   remat: str = "none"
+  attention: str = "auto"  # an execution choice like dtype: never stored with a checkpoint
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -261,7 +264,7 @@ class VisionTransformer(nn.Module):
     return dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, init_values=self.init_values,
                 window=self.grid if self.rel_pos == "layer" else None,
                 use_drop_path=self.drop_path_rate > 0, init_style=init_style or self.init_style,
-                dtype=self.dtype)
+                dtype=self.dtype, attention=self.attention)
 
   def embed(self, images: Array, mask: Optional[Array]) -> Array:
     if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:

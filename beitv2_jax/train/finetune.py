@@ -124,7 +124,8 @@ class FinetuneTask(_ClassifierTask):
                          mlp_ratio=m.mlp_ratio, use_abs_pos_emb=False, rel_pos="layer", init_values=m.init_values,
                          init_style="finetune", **overrides)
     self.kwargs.pop("scan", None); self.kwargs.pop("remat", None)
-    self.model = VisionTransformer(**self.kwargs, dtype=dtype_of(m.dtype), scan=m.scan, remat=m.remat)
+    self.model = VisionTransformer(**self.kwargs, dtype=dtype_of(m.dtype), scan=m.scan, remat=m.remat,
+                                   attention=m.get("attention", "auto"))
     self.flops_per_example = 3 * flops.vit_forward_flops(m.img_size, self.kwargs["patch_size"],
                                                          self.kwargs["embed_dim"], self.kwargs["depth"],
                                                          self.kwargs["mlp_ratio"])

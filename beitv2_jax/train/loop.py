@@ -146,8 +146,9 @@ def run(task: Task) -> tuple[TrainState, dict]:
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
-  # ---- Input -------------------------------------------------------------------------------------
-  data_iter = iter(task.train_data())
+  # ---- Input: host pipeline -> batches already on the devices (what checkpoints record) -----------
+  data_iter = pipeline.DevicePrefetch(iter(task.train_data()), lambda local: parallel.to_global(local, mesh),
+                                      depth=config.data.get("device_prefetch", 2))
 
   # ---- Sharded init or restore -------------------------------------------------------------------
   rng = jax.random.PRNGKey(config.seed)
@@ -197,9 +198,8 @@ def run(task: Task) -> tuple[TrainState, dict]:
   step = start
   try:
     for step in range(start + 1, total + 1):
-      local = next(data_iter)
-      bad_images += int(np.sum(local.pop("bad", 0)))
-      batch = parallel.to_global(local, mesh)
+      batch, bad = next(data_iter)
+      bad_images += bad
       state, metrics = step_fn(state, batch, frozen)
       pending.append(metrics)
       steps_since += 1

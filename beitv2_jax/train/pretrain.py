@@ -100,7 +100,8 @@ class PretrainTask(Task):
                                    init_values=m.init_values, drop_path_rate=m.drop_path_rate),
         vocab_size=self.tokenizer.module.codebook_size, early_layers=m.early_layers, head_layers=m.head_layers,
         agg_init_style=m.get("agg_init_style", "torch"))
-    self.model = BEiTForMIM(**self.kwargs, dtype=dtype_of(m.dtype), scan=m.scan, remat=m.remat)
+    self.model = BEiTForMIM(**self.kwargs, dtype=dtype_of(m.dtype), scan=m.scan, remat=m.remat,
+                            attention=m.get("attention", "auto"))
     o = config.optim
     self.schedule = optim.warmup_cosine(o.lr, self.total_steps, self.warmup_steps, o.min_lr)
     self.frozen = {"params": self.tokenizer.params, "codebook": jnp.asarray(self.tokenizer.codebook)}

@@ -81,7 +81,7 @@ class TokenizerTask(Task):
       raise ValueError(f"model.teacher_dim={td} does not match the teacher's feature dim {self.teacher.dim} "
                        f"({self.teacher.source})")
     self.kwargs = vqkd_kwargs(m, self.teacher.dim)
-    self.model = VQKD(**self.kwargs, dtype=dtype_of(m.dtype))
+    self.model = VQKD(**self.kwargs, dtype=dtype_of(m.dtype), attention=m.get("attention", "auto"))
     o = config.optim
     lr = o.lr * config.batch_size / 128 if o.get("scale_lr_by_batch", True) else o.lr
     self.schedule = optim.warmup_cosine(lr, self.total_steps, self.warmup_steps, o.min_lr)

@@ -1,0 +1,75 @@
+"""Scaled dot-product attention with an additive bias (BEiT's relative-position bias), two ways.
+
+- "xla": the explicit form: q * scale, q @ k^T in float32, + bias, float32 softmax, @ v. Runs everywhere
+  and is the reference (it matches the official PyTorch code line by line).
+- "cudnn": cuDNN's fused flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`,
+  NVIDIA GPUs with bfloat16/float16 inputs only. The (N x N) score matrix never reaches device memory.
+  cuDNN wants an even sequence length when a bias is trained (ViT-B/16 has 197 tokens), so the tokens are
+  padded to a multiple of 8 and the padded keys get a large negative bias; the padded query rows are
+  dropped. The bias gradient flows back into the unpadded part only.
+- "auto" (the default): "cudnn" where it applies (a GPU, a 16-bit dtype, head dim a multiple of 8 and at
+  most 128), else "xla".
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+_PAD_MULTIPLE = 8
+# cuDNN mishandles the difference of two very large negatives; jax's own mask value for 16-bit inputs.
+_MASK_VALUE = -2.0 * 2.0 ** 40
+
+
+def resolve(impl: str, dtype, head_dim: int) -> str:
+  """The implementation `impl` means for these inputs on this backend ("auto" -> "xla" | "cudnn")."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {impl!r}")
+  if impl != "auto":
+    return impl
+  fits = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+          and head_dim % 8 == 0 and head_dim <= 128)
+  return "cudnn" if fits else "xla"
+
+
+def attention(q: Array, k: Array, v: Array, bias: Optional[Array] = None, impl: str = "auto") -> Array:
+  """q, k, v: (B, N, H, Dh) in the compute dtype; bias: (H, N, N) or (B, H, N, N), added to the scaled
+  scores. Returns (B, N, H, Dh) in the dtype of v."""
+  impl = resolve(impl, q.dtype, q.shape[-1])
+  if impl == "xla":
+    return _xla_attention(q, k, v, bias)
+  return padded_fused_attention(q, k, v, bias, implementation="cudnn")
+
+
+def _xla_attention(q, k, v, bias):
+  q = q * q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def padded_fused_attention(q, k, v, bias, implementation: str = "cudnn", pad_multiple: int = _PAD_MULTIPLE):
+  """jax.nn.dot_product_attention on tokens padded to a multiple of `pad_multiple`, padded keys masked
+  through the bias. `implementation="xla"` runs the same padding logic on any backend (tests)."""
+  if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention='cudnn' needs bfloat16 or float16 inputs, got {q.dtype}: set "
+                     "model.dtype='bfloat16' or attention='xla'")
+  n = q.shape[1]
+  pad = (-n) % pad_multiple
+  if pad:
+    widen = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q, k, v = widen(q), widen(k), widen(v)
+    if bias is None:
+      bias = jnp.zeros((1, 1, n, n), jnp.float32)
+    bias = jnp.pad(bias, [(0, 0)] * (bias.ndim - 2) + [(0, pad), (0, pad)])
+    bias = jnp.where(jnp.arange(n + pad) >= n, jnp.asarray(_MASK_VALUE, bias.dtype), bias)
+  if bias is not None:
+    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape).astype(q.dtype)
+  out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=q.shape[-1] ** -0.5,
+                                     implementation=implementation)
+  return out[:, :n]

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything we check on an NVIDIA GPU, in one run (a lent GPU is short-lived): the cuDNN attention tests,
+# then the bf16 ViT-B/16 step benchmarks (MIM with explicit vs cuDNN attention and host input with and
+# without device prefetch; VQ-KD; fine-tune) and the largest MIM batch with and without remat.
+# Each stage has its own time limit and appends JSON rows to $OUT/bench.jsonl as it measures them.
+#
+#   OUT=gpu_results bash benchmarks/gpu_check.sh
+# Needs jax[cuda] plus this repo's requirements (grain, ml_collections, flax, optax, orbax-checkpoint).
+set -u
+OUT=${OUT:-gpu_results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export JAX_PLATFORMS=cuda
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
+export JAX_COMPILATION_CACHE_DIR=/tmp/beitv2_jax_cache  # the max-batch stage recompiles shapes seen before
+PY=${PY:-python3}
+
+stage() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name ($(date +%T))"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "   exit $? ($(date +%T))"
+  grep -E "^task=|passed|failed|Error|error:" "$OUT/$name.log" | tail -n 12
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+} 2>&1 | tee "$OUT/env.txt"
+
+stage attention_tests "${T_TESTS:-90}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py
+stage pretrain "${T_PRETRAIN:-170}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --batch=256 \
+  --steps=10 --attention=xla,cudnn --host-input --json "$OUT/bench.jsonl"
+stage tokenizer_finetune "${T_TOKFT:-120}" $PY benchmarks/train_step.py --size=base --tasks=tokenizer,finetune \
+  --batch=256 --steps=10 --json "$OUT/bench.jsonl"
+stage max_batch "${T_MAXB:-110}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --max-batch \
+  --remat=none,full --json "$OUT/bench.jsonl"
+echo "== done ($(date +%T))"

@@ -1,0 +1,98 @@
+"""Attention implementations agree: the explicit XLA form (the reference), the padded fused path run through
+jax's XLA implementation (every backend: checks the padding and masking), and cuDNN (GPU only)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from beitv2_jax.models import attention as attention_lib
+from beitv2_jax.models.vit import VisionTransformer
+
+on_gpu = jax.default_backend() == "gpu"
+
+
+def _inputs(b, n, h, dh, dtype, seed=0, batched_bias=False):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q, k, v = (jax.random.normal(kk, (b, n, h, dh), jnp.float32).astype(dtype) for kk in ks[:3])
+  bias = jax.random.normal(ks[3], ((b,) if batched_bias else ()) + (h, n, n), jnp.float32)
+  return q, k, v, bias
+
+
+def _loss_and_grads(fn, q, k, v, bias):
+  w = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)  # a fixed, non-trivial cotangent
+  loss = lambda q, k, v, bias: jnp.sum(fn(q, k, v, bias).astype(jnp.float32) * w)
+  return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("n", [17, 24])  # odd (padded to 24) and already a multiple of 8
+@pytest.mark.parametrize("batched_bias", [False, True])
+def test_padded_path_matches_reference_fp32(n, batched_bias):
+  q, k, v, bias = _inputs(3, n, 2, 8, jnp.float32, batched_bias=batched_bias)
+  ref = jax.jit(attention_lib._xla_attention)(q, k, v, bias)
+  out = jax.jit(lambda *a: attention_lib.padded_fused_attention(*a, implementation="xla"))(q, k, v, bias)
+  assert out.shape == ref.shape
+  np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
+  (l_ref, g_ref) = _loss_and_grads(attention_lib._xla_attention, q, k, v, bias)
+  (l_out, g_out) = _loss_and_grads(lambda *a: attention_lib.padded_fused_attention(*a, implementation="xla"),
+                                   q, k, v, bias)
+  np.testing.assert_allclose(l_out, l_ref, rtol=1e-5)
+  for name, a, b in zip("qkv", g_out[:3], g_ref[:3]):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=f"d{name}")
+  # the bias gradient reaches only the real tokens' entries, with the reference's values
+  assert g_out[3].shape == bias.shape
+  np.testing.assert_allclose(g_out[3], g_ref[3], atol=1e-5, rtol=1e-4)
+
+
+def test_padded_path_without_bias_masks_the_padding():
+  q, k, v, _ = _inputs(2, 9, 2, 8, jnp.float32)
+  ref = attention_lib._xla_attention(q, k, v, None)
+  out = attention_lib.padded_fused_attention(q, k, v, None, implementation="xla")
+  np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
+
+
+def test_resolve_and_errors():
+  assert attention_lib.resolve("xla", jnp.bfloat16, 64) == "xla"
+  expected_auto = "cudnn" if on_gpu else "xla"
+  assert attention_lib.resolve("auto", jnp.bfloat16, 64) == expected_auto
+  assert attention_lib.resolve("auto", jnp.float32, 64) == "xla"
+  assert attention_lib.resolve("auto", jnp.bfloat16, 12) == "xla"   # head dim not a multiple of 8
+  with pytest.raises(ValueError, match="attention must be one of"):
+    attention_lib.resolve("flash", jnp.bfloat16, 64)
+  q, k, v, bias = _inputs(1, 5, 1, 8, jnp.float32)
+  with pytest.raises(ValueError, match="needs bfloat16 or float16"):
+    attention_lib.attention(q, k, v, bias, "cudnn")
+
+
+@pytest.mark.skipif(not on_gpu, reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("batched_bias", [False, True])
+def test_cudnn_matches_reference_at_vit_b_shapes(batched_bias):
+  """ViT-B/16: 197 tokens, 12 heads of 64, bf16. Tolerances are bf16's (METHOD: 1e-3 .. 1e-2 relative)."""
+  q, k, v, bias = _inputs(8, 197, 12, 64, jnp.bfloat16, batched_bias=batched_bias)
+  ref_fn = lambda q, k, v, b: attention_lib._xla_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                                           v.astype(jnp.float32), b)
+  fused = lambda *a: attention_lib.attention(*a, impl="cudnn")
+  out = jax.jit(fused)(q, k, v, bias)
+  assert out.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(out)))
+  assert _rel(out, ref_fn(q, k, v, bias)) < 1e-2
+  _, g_out = jax.jit(lambda *a: _loss_and_grads(fused, *a))(q, k, v, bias)
+  _, g_ref = jax.jit(lambda *a: _loss_and_grads(ref_fn, *a))(q, k, v, bias)
+  for name, a, b in zip(("dq", "dk", "dv", "dbias"), g_out, g_ref):
+    assert _rel(a, b) < 2e-2, name
+
+
+@pytest.mark.skipif(not on_gpu, reason="cuDNN attention needs an NVIDIA GPU")
+def test_vit_logits_cudnn_vs_xla():
+  """The whole ViT (rel-pos bias in every block) in bf16: cuDNN attention against the explicit form."""
+  kw = dict(img_size=64, patch_size=16, embed_dim=128, depth=2, num_heads=2, num_classes=10, dtype=jnp.bfloat16)
+  x = jax.random.uniform(jax.random.key(0), (4, 64, 64, 3))
+  model_x = VisionTransformer(**kw, attention="xla")
+  params = model_x.init(jax.random.key(1), x)["params"]
+  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(2), p.shape), params)
+  ref = model_x.apply({"params": params}, x)["logits"]
+  out = VisionTransformer(**kw, attention="cudnn").apply({"params": params}, x)["logits"]
+  assert _rel(out, ref) < 2e-2
