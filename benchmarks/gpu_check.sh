@@ -14,9 +14,11 @@ export JAX_PLATFORMS=cuda
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
 export JAX_COMPILATION_CACHE_DIR=/tmp/beitv2_jax_cache  # the max-batch stage recompiles shapes seen before
 PY=${PY:-python3}
+STAGES=${STAGES:-"attention_tests pretrain tokenizer_finetune max_batch"}  # a rerun can pick some
 
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
+  [[ " $STAGES " == *" $name "* ]] || return 0
   echo "== $name ($(date +%T))"
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   echo "   exit $? ($(date +%T))"
@@ -27,11 +29,11 @@ stage() {  # name, seconds, command...
   $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/env.txt"
 
-stage attention_tests "${T_TESTS:-90}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py
+stage attention_tests "${T_TESTS:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py
 stage pretrain "${T_PRETRAIN:-170}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --batch=256 \
   --steps=10 --attention=xla,cudnn --host-input --json "$OUT/bench.jsonl"
-stage tokenizer_finetune "${T_TOKFT:-120}" $PY benchmarks/train_step.py --size=base --tasks=tokenizer,finetune \
+stage tokenizer_finetune "${T_TOKFT:-120}" $PY benchmarks/train_step.py --size=base --tasks="${TOKFT_TASKS:-tokenizer,finetune}" \
   --batch=256 --steps=10 --json "$OUT/bench.jsonl"
 stage max_batch "${T_MAXB:-110}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --max-batch \
-  --remat=none,full --json "$OUT/bench.jsonl"
+  --remat="${MAXB_REMAT:-none,full}" --json "$OUT/bench.jsonl"
 echo "== done ($(date +%T))"

@@ -31,6 +31,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("n", [17, 24])  # odd (padded to 24) and already a multiple of 8
 @pytest.mark.parametrize("batched_bias", [False, True])
+@jax.default_matmul_precision("highest")  # GPUs default to TF32-like float32 matmuls
 def test_padded_path_matches_reference_fp32(n, batched_bias):
   q, k, v, bias = _inputs(3, n, 2, 8, jnp.float32, batched_bias=batched_bias)
   ref = jax.jit(attention_lib._xla_attention)(q, k, v, bias)
@@ -48,6 +49,7 @@ def test_padded_path_matches_reference_fp32(n, batched_bias):
   np.testing.assert_allclose(g_out[3], g_ref[3], atol=1e-5, rtol=1e-4)
 
 
+@jax.default_matmul_precision("highest")
 def test_padded_path_without_bias_masks_the_padding():
   q, k, v, _ = _inputs(2, 9, 2, 8, jnp.float32)
   ref = attention_lib._xla_attention(q, k, v, None)
