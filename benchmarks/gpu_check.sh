@@ -30,10 +30,10 @@ stage() {  # name, seconds, command...
 } 2>&1 | tee "$OUT/env.txt"
 
 stage attention_tests "${T_TESTS:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py
-stage pretrain "${T_PRETRAIN:-170}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --batch=256 \
-  --steps=10 --attention=xla,cudnn --host-input --json "$OUT/bench.jsonl"
+stage pretrain "${T_PRETRAIN:-170}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --batch="${PRE_BATCH:-256}" \
+  --steps=10 --attention="${PRE_ATTN:-xla,cudnn}" ${PRE_FLAGS:---host-input} --json "$OUT/bench.jsonl"
 stage tokenizer_finetune "${T_TOKFT:-120}" $PY benchmarks/train_step.py --size=base --tasks="${TOKFT_TASKS:-tokenizer,finetune}" \
-  --batch=256 --steps=10 --json "$OUT/bench.jsonl"
+  --attention="${TOKFT_ATTN:-auto}" --batch=256 --steps=10 --json "$OUT/bench.jsonl"
 stage max_batch "${T_MAXB:-110}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --max-batch \
   --remat="${MAXB_REMAT:-none,full}" --json "$OUT/bench.jsonl"
 echo "== done ($(date +%T))"
