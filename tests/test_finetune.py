@@ -1,4 +1,6 @@
 """Transfer: layer-wise lr decay, mixup/cutmix, fine-tune / linear-probe / k-NN runs, export round trip."""
+import os
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,7 @@ import beitv2_jax
 from beitv2_jax import main as entry
 from beitv2_jax.models.vit import VisionTransformer
 from beitv2_jax.train import finetune, optim
-from helpers import load_config, tokenizer_config, pretrain_config
+from helpers import ROOT, load_config, tokenizer_config
 
 
 def test_layer_decay_scales_follow_the_official_ids():
@@ -70,42 +72,47 @@ def test_mixup_cutmix_targets_sum_to_one_and_match_lambda():
       assert np.allclose(np.asarray(xm[0]), mixed, atol=1e-5) or abs(own - lam) < 0.1
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  """A tiny tokenizer and a tiny MIM model trained on the digits (a short but real pretraining)."""
-  root = tmp_path_factory.mktemp("transfer")
-  tok, pt = str(root / "tok"), str(root / "pt")
-  entry.run(tokenizer_config(steps=60, batch=32, **{"data.name": "mnist5k", "model.dead_code_restart_steps": 0}), tok)
-  entry.run(pretrain_config(tok, steps=300, batch=32, **{"data.name": "mnist5k"}), pt)
-  return pt
+# A tiny BEiT v2 (depth 2, width 64, 32 px) pretrained by this code for 1500 MIM steps on MNIST-5k, exported
+# in the official key layout: 5 minutes on 2 cores, too long to redo in every CI run. tests/data/README.md
+# has the commands that make it.
+PRETRAINED = os.path.join(ROOT, "tests", "data", "mim_tiny_mnist.safetensors")
 
 
-def test_finetune_starts_from_the_pretrained_encoder_and_learns(pretrained, tmp_path):
-  """The classifier starts from the MIM encoder (shared rel-pos table copied into every block, fresh head
-  scaled by 0.001) and fine-tuning it lifts top-1 well above chance (10 classes)."""
-  from beitv2_jax import parallel
+def _finetune_config(init_from: str, steps: int = 200):
   c = load_config("finetune_tiny")
-  c.init_from = pretrained
-  c.total_steps, c.batch_size, c.warmup_steps = 200, 32, 20
+  c.init_from = init_from
+  c.total_steps, c.batch_size, c.warmup_steps, c.log_every_steps = steps, 32, 20, 100
   c.aug.update(dict(mixup=0.0, cutmix=0.0, rand_augment_layers=0, reprob=0.0, min_crop_scale=0.5))
   c.data.eval_split, c.data.read_threads = "val", 0
+  return c
+
+
+def test_finetune_starts_from_the_pretrained_encoder_and_beats_scratch(tmp_path):
+  """The classifier starts from the MIM encoder (shared rel-pos table copied into every block, fresh head
+  scaled by 0.001), and at equal steps fine-tuning it beats the same model from scratch."""
+  from beitv2_jax import parallel
+  c = _finetune_config(PRETRAINED)
   task = finetune.FinetuneTask(c, str(tmp_path / "ft"), parallel.make_mesh(1, 1))
   p0 = task.init_state(jax.random.PRNGKey(0)).params
-  mim = beitv2_jax.load(pretrained)
+  mim = beitv2_jax.load(PRETRAINED)
+  assert mim.kind == "mim"
   shared = np.asarray(mim.params["backbone"]["rel_pos_bias"]["relative_position_bias_table"])
   for i in range(2):
     np.testing.assert_array_equal(np.asarray(p0[f"blocks_{i}"]["attn"]["relative_position_bias_table"]), shared)
     np.testing.assert_array_equal(np.asarray(p0[f"blocks_{i}"]["mlp"]["fc1"]["kernel"]),
                                   np.asarray(mim.params["backbone"][f"blocks_{i}"]["mlp"]["fc1"]["kernel"]))
   assert np.abs(np.asarray(p0["head"]["kernel"])).max() < 1e-3  # trunc_normal(.02) x 0.001
-  top1 = entry.run(c, str(tmp_path / "run"))["top1"]
-  print("fine-tune top1 from the tiny pretrained encoder", top1)
-  assert top1 > 0.18
+  top1 = {name: entry.run(_finetune_config(init), str(tmp_path / name))["top1"]
+          for name, init in (("pretrained", PRETRAINED), ("scratch", ""))}
+  print("fine-tune top-1 after 200 steps", top1)
+  # 10 classes, 1000 held-out digits. Measured on 2 cores, seeds 0/1/2: 0.318/0.358/0.329 pretrained vs
+  # 0.239/0.281/0.265 from scratch.
+  assert top1["pretrained"] > top1["scratch"] + 0.03
 
 
-def test_linear_probe_beats_random_init_and_knn_runs(pretrained, tmp_path):
+def test_linear_probe_and_knn_beat_random_init(tmp_path):
   probe, knn = {}, {}
-  for name, init in (("pretrained", pretrained), ("random", "")):
+  for name, init in (("pretrained", PRETRAINED), ("random", "")):
     c = load_config("linprobe_tiny")
     c.init_from, c.total_steps, c.data.read_threads = init, 150, 0
     probe[name] = entry.run(c, str(tmp_path / f"lp_{name}"))["top1"]
@@ -113,11 +120,10 @@ def test_linear_probe_beats_random_init_and_knn_runs(pretrained, tmp_path):
     k.init_from = init
     knn[name] = entry.run(k, str(tmp_path / f"knn_{name}"))["top1"]
   print("linear probe", probe, "knn", knn)
-  # 10 classes: chance is 0.1. Measured here: probe 0.245 vs 0.154 at random init; k-NN 0.237 vs 0.273 --
-  # this tiny MNIST-pretrained encoder does not beat random init under k-NN (the demo's photo-pretrained
-  # one does); see benchmarks/RESULTS.md.
-  assert probe["pretrained"] > 0.2 and knn["pretrained"] > 0.15 and knn["random"] > 0.15
-  assert probe["pretrained"] > probe["random"]
+  # 10 classes: chance is 0.1. Measured on 2 cores: probe 0.318 vs 0.154 at random init, k-NN 0.385 vs 0.273.
+  assert probe["pretrained"] > 0.25 and knn["pretrained"] > 0.3
+  assert probe["pretrained"] > probe["random"] + 0.05
+  assert knn["pretrained"] > knn["random"] + 0.04
 
 
 def test_tokenizer_encoder_can_be_probed(tmp_path):
