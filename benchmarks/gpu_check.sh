@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything we check on an NVIDIA GPU, in one run (a lent GPU is short-lived): the cuDNN attention tests,
 # then the bf16 ViT-B/16 step benchmarks (MIM with explicit vs cuDNN attention and host input with and
-# without device prefetch; VQ-KD; fine-tune) and the largest MIM batch with and without remat.
+# without device prefetch; a profile of the MIM step with its kernel table; VQ-KD; fine-tune) and the
+# largest MIM batch with and without remat.
 # Each stage has its own time limit and appends JSON rows to $OUT/bench.jsonl as it measures them.
 #
 #   OUT=gpu_results bash benchmarks/gpu_check.sh
@@ -14,7 +15,7 @@ export JAX_PLATFORMS=cuda
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
 export JAX_COMPILATION_CACHE_DIR=/tmp/beitv2_jax_cache  # the max-batch stage recompiles shapes seen before
 PY=${PY:-python3}
-STAGES=${STAGES:-"attention_tests pretrain tokenizer_finetune max_batch"}  # a rerun can pick some
+STAGES=${STAGES:-"attention_tests pretrain profile tokenizer_finetune max_batch"}  # a rerun can pick some
 
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -22,7 +23,7 @@ stage() {  # name, seconds, command...
   echo "== $name ($(date +%T))"
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   echo "   exit $? ($(date +%T))"
-  grep -E "^task=|passed|failed|Error|error:" "$OUT/$name.log" | tail -n 12
+  grep -E "^task=|^profile:|passed|failed|Error|error:" "$OUT/$name.log" | tail -n 12
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -32,6 +33,8 @@ stage() {  # name, seconds, command...
 stage attention_tests "${T_TESTS:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py
 stage pretrain "${T_PRETRAIN:-170}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --batch="${PRE_BATCH:-256}" \
   --steps=10 --attention="${PRE_ATTN:-xla,cudnn}" ${PRE_FLAGS:---host-input} --json "$OUT/bench.jsonl"
+stage profile "${T_PROFILE:-90}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --batch=256 --steps=3 \
+  --attention=cudnn --profile=/tmp/beitv2_jax_trace   # the kernel table lands in $OUT/profile.log
 stage tokenizer_finetune "${T_TOKFT:-120}" $PY benchmarks/train_step.py --size=base --tasks="${TOKFT_TASKS:-tokenizer,finetune}" \
   --attention="${TOKFT_ATTN:-auto}" --batch=256 --steps=10 --json "$OUT/bench.jsonl"
 stage max_batch "${T_MAXB:-110}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --max-batch \

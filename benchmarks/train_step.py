@@ -105,7 +105,7 @@ def compiled_bytes(task: str, size: str, dtype: str, batch: int, remat: str = "n
 
 
 def bench(task: str, size: str, dtype: str, batch: int, steps: int, remat: str = "none", scan: bool = False,
-          attention: str = "auto", host_input: bool = False):
+          attention: str = "auto", host_input: bool = False, profile_dir: str = ""):
   """Times `steps` train steps on a device-resident batch; with host_input also the same steps fed from
   host memory every step, without and with DevicePrefetch (what the training loop does)."""
   t, config, mesh, shardings, step, host_batch, frozen = _build(task, size, dtype, batch, remat, scan, attention)
@@ -151,8 +151,56 @@ def bench(task: str, size: str, dtype: str, batch: int, steps: int, remat: str =
     row["host_put_step_ms"] = 1000 * timed(lambda: parallel.to_global(host_batch, mesh))[0]
     pre = pipeline.DevicePrefetch(_Repeat(host_batch), lambda b: parallel.to_global(b, mesh), depth=2)
     row["prefetch2_step_ms"] = 1000 * timed(lambda: next(pre)[0])[0]
+  if profile_dir:
+    # 3 more steps under the profiler: the trace (TensorBoard / Perfetto / xprof) and a kernel table
+    jax.profiler.start_trace(profile_dir)
+    for _ in range(3):
+      state, metrics = compiled(state, batch_arrays, frozen)
+    jax.block_until_ready((state, metrics))
+    jax.profiler.stop_trace()
+    print_kernel_table(profile_dir, steps=3)
   assert np.isfinite(row["loss"]) and np.isfinite(row["step_ms"])
   return row
+
+
+KERNEL_KINDS = (("matmul", ("gemm", "xmma", "cutlass", "gemv", "matmul", "dot")),
+                ("attention", ("sdpa", "flash", "fmha", "attention")),
+                ("collective", ("nccl", "all-reduce", "all_reduce", "all-gather", "reduce-scatter")))
+
+
+def print_kernel_table(profile_dir: str, steps: int, top: int = 20) -> None:
+  """Device time per kernel from the newest trace in profile_dir (device planes only: on a CPU there is
+  none and this prints that), grouped into matmul / attention / collective / other."""
+  import glob
+  from collections import Counter
+  paths = sorted(glob.glob(os.path.join(profile_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+  if not paths:
+    print(f"profile: no trace under {profile_dir}")
+    return
+  data = jax.profiler.ProfileData.from_file(paths[-1])
+  per_kernel: Counter = Counter()
+  for plane in data.planes:
+    if not plane.name.startswith("/device:"):
+      continue
+    lines = list(plane.lines)
+    # kernels as they ran on the streams; the "XLA Ops" line is the same time by HLO op, if no streams
+    chosen = [l for l in lines if "stream" in l.name.lower()] or [l for l in lines if l.name == "XLA Ops"]
+    for line in chosen:
+      for ev in line.events:
+        per_kernel[ev.name] += ev.duration_ns
+  print(f"profile: trace {paths[-1]}")
+  if not per_kernel:
+    print("profile: no device kernels in the trace (a CPU run has none)")
+    return
+  total = sum(per_kernel.values())
+  kinds: Counter = Counter()
+  for name, ns in per_kernel.items():
+    low = name.lower()
+    kinds[next((k for k, keys in KERNEL_KINDS if any(x in low for x in keys)), "other")] += ns
+  print(f"profile: {total / steps / 1e6:.2f} ms of kernels per step; " +
+        ", ".join(f"{k} {v / total:.1%}" for k, v in kinds.most_common()))
+  for name, ns in per_kernel.most_common(top):
+    print(f"  {ns / steps / 1e6:8.3f} ms/step {ns / total:6.1%}  {name[:110]}")
 
 
 def _xla_flops(compiled) -> float | None:
@@ -249,6 +297,7 @@ def main():
   ap.add_argument("--attention", default="auto", help="comma list of auto | xla | cudnn, each timed")
   ap.add_argument("--host-input", action="store_true",
                   help="also time steps fed from host memory, without and with device prefetch")
+  ap.add_argument("--profile", default="", help="trace 3 extra steps into this folder and print the kernels")
   ap.add_argument("--max-batch", action="store_true")
   ap.add_argument("--torch", action="store_true", help="also time timm's Beit fine-tune step (CPU side by side)")
   ap.add_argument("--json", default="", help="append the rows as JSON lines to this file")
@@ -270,7 +319,8 @@ def main():
         for remat in a.remat.split(","):
           emit(max_batch(task, a.size, dtype, remat, attention))
       else:
-        emit(bench(task, a.size, dtype, batch, a.steps, a.remat, a.scan, attention, a.host_input))
+        emit(bench(task, a.size, dtype, batch, a.steps, a.remat, a.scan, attention, a.host_input,
+                   os.path.join(a.profile, f"{task}_{attention}") if a.profile else ""))
   if a.torch:
     emit(torch_finetune_step(a.size, batch, a.steps))
   return rows

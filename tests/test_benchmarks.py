@@ -15,8 +15,10 @@ def _run(*args):
   return r.stdout
 
 
-def test_train_step_benchmark_smoke():
-  out = _run("benchmarks/train_step.py", "--size=tiny", "--steps=1", "--batch=8", "--host-input")
+def test_train_step_benchmark_smoke(tmp_path):
+  out = _run("benchmarks/train_step.py", "--size=tiny", "--steps=1", "--batch=8", "--host-input",
+             f"--profile={tmp_path}")
+  assert out.count("profile: trace ") == 3  # one trace per task (a CPU trace has no device kernels)
   rows = [line for line in out.splitlines() if line.startswith("task=")]
   assert [r.split(" | ")[0] for r in rows] == ["task=tokenizer", "task=pretrain", "task=finetune"]
   for r in rows:
