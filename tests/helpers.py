@@ -20,16 +20,8 @@ def tokenizer_config(steps=8, batch=16, **kw):
   c = load_config("tokenizer_tiny")
   c.data.name = "digits"
   c.data.train_split = "train"
-  c.batch_size = batch
-  c.total_steps = steps
-  c.warmup_steps = 2
-  c.log_every_steps = 2
-  c.checkpoint_every_steps = 4
   c.model.codebook_size = 64
-  c.data.read_threads = 0
-  for k, v in kw.items():
-    _set(c, k, v)
-  return c
+  return _short_run(c, steps, batch, kw)
 
 
 def pretrain_config(tokenizer_path, steps=8, batch=16, **kw):
@@ -37,13 +29,18 @@ def pretrain_config(tokenizer_path, steps=8, batch=16, **kw):
   c.tokenizer_path = str(tokenizer_path)
   c.data.name = "digits"
   c.data.eval_split = ""
+  return _short_run(c, steps, batch, kw)
+
+
+def _short_run(c, steps, batch, overrides):
+  """A few steps, logged and checkpointed often, read in the main thread; then `overrides` (dotted keys)."""
   c.batch_size = batch
   c.total_steps = steps
   c.warmup_steps = 2
   c.log_every_steps = 2
   c.checkpoint_every_steps = 4
   c.data.read_threads = 0
-  for k, v in kw.items():
+  for k, v in overrides.items():
     _set(c, k, v)
   return c
 
