@@ -7,8 +7,8 @@
   cuDNN wants an even sequence length when a bias is trained (ViT-B/16 has 197 tokens), so the tokens are
   padded to a multiple of 8 and the padded keys get a large negative bias; the padded query rows are
   dropped. The bias gradient flows back into the unpadded part only.
-- "auto" (the default): "cudnn" where it applies (a GPU, a 16-bit dtype, head dim a multiple of 8 and at
-  most 128), else "xla".
+- "auto" (the default): "cudnn" where it applies (an NVIDIA GPU of compute capability 8.0 or newer, a 16-bit
+  dtype, head dim a multiple of 8 and at most 128), else "xla".
 """
 from __future__ import annotations
 
@@ -30,9 +30,22 @@ def resolve(impl: str, dtype, head_dim: int) -> str:
     raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {impl!r}")
   if impl != "auto":
     return impl
-  fits = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  fits = (_cudnn_flash_device() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
           and head_dim % 8 == 0 and head_dim <= 128)
   return "cudnn" if fits else "xla"
+
+
+def _cudnn_flash_device() -> bool:
+  """An NVIDIA GPU (not ROCm) of compute capability >= 8.0, what cuDNN's flash attention needs; read the
+  way jax's own cuDNN attention checks it."""
+  if jax.default_backend() != "gpu":
+    return False
+  try:
+    backend = jax.devices()[0].client
+    capability = tuple(int(x) for x in jax.devices()[0].compute_capability.split("."))
+    return "cuda" in backend.platform_version and capability >= (8, 0)
+  except (AttributeError, ValueError):
+    return False
 
 
 def attention(q: Array, k: Array, v: Array, bias: Optional[Array] = None, impl: str = "auto") -> Array:
