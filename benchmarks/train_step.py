@@ -11,10 +11,12 @@ MFU = model FLOPs per image x img/s / (bf16 peak x devices); remat recompute is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -79,7 +81,20 @@ def synthetic_batch(task_obj, task: str, batch: int) -> dict:
   return b
 
 
-def _build(task: str, size: str, dtype: str, batch: int, remat: str, scan: bool, attention: str):
+@dataclasses.dataclass
+class Built:
+  """A task ready to benchmark: its jitted (not yet compiled) step and what the step takes."""
+  task: Any
+  config: Any
+  mesh: Any
+  state_abs: Any
+  shardings: Any
+  step: Any
+  host_batch: dict
+  frozen: Any
+
+
+def _build(task: str, size: str, dtype: str, batch: int, remat: str, scan: bool, attention: str) -> Built:
   from beitv2_jax.main import get_task_class
   import tempfile
   mesh = parallel.make_mesh()
@@ -89,18 +104,15 @@ def _build(task: str, size: str, dtype: str, batch: int, remat: str, scan: bool,
   shardings = parallel.state_shardings(state_abs, mesh)
   step = jax.jit(t.train_step, in_shardings=(shardings, parallel.batch_sharding(mesh), None),
                  out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
-  host_batch = synthetic_batch(t, task, batch)
   frozen = jax.device_put(t.frozen, parallel.replicated(mesh)) if t.frozen is not None else None
-  return t, config, mesh, shardings, step, host_batch, frozen
+  return Built(t, config, mesh, state_abs, shardings, step, synthetic_batch(t, task, batch), frozen)
 
 
-def compiled_bytes(task: str, size: str, dtype: str, batch: int, remat: str = "none", scan: bool = False,
-                   attention: str = "auto") -> int:
-  """Device bytes the compiled step needs (arguments + outputs + temporaries - donated), without running."""
-  t, config, mesh, shardings, step, host_batch, frozen = _build(task, size, dtype, batch, remat, scan, attention)
-  state_abs = jax.eval_shape(t.init_state, jax.random.PRNGKey(0))
-  batch_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host_batch)
-  m = step.lower(state_abs, batch_abs, frozen).compile().memory_analysis()
+def compiled_bytes(built: Built, batch: int) -> int:
+  """Device bytes the compiled step needs at this global batch (arguments + outputs + temporaries -
+  donated), from XLA's memory analysis, without running it."""
+  batch_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct((batch,) + a.shape[1:], a.dtype), built.host_batch)
+  m = built.step.lower(built.state_abs, batch_abs, built.frozen).compile().memory_analysis()
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
@@ -108,11 +120,12 @@ def bench(task: str, size: str, dtype: str, batch: int, steps: int, remat: str =
           attention: str = "auto", host_input: bool = False, profile_dir: str = ""):
   """Times `steps` train steps on a device-resident batch; with host_input also the same steps fed from
   host memory every step, without and with DevicePrefetch (what the training loop does)."""
-  t, config, mesh, shardings, step, host_batch, frozen = _build(task, size, dtype, batch, remat, scan, attention)
-  state = jax.jit(t.init_state, out_shardings=shardings)(jax.random.PRNGKey(0))
+  built = _build(task, size, dtype, batch, remat, scan, attention)
+  t, config, mesh, host_batch, frozen = built.task, built.config, built.mesh, built.host_batch, built.frozen
+  state = jax.jit(t.init_state, out_shardings=built.shardings)(jax.random.PRNGKey(0))
   batch_arrays = parallel.to_global(host_batch, mesh)
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch_arrays, frozen).compile()
+  compiled = built.step.lower(state, batch_arrays, frozen).compile()
   compile_s = time.perf_counter() - t0
   xla_flops = _xla_flops(compiled)
 
@@ -265,7 +278,9 @@ def max_batch(task: str, size: str, dtype: str, remat: str, attention: str = "au
   if not limit:
     raise RuntimeError("the device reports no memory limit (CPU?): --max-batch needs an accelerator")
   b1, b2 = 32, 64
-  m1, m2 = (compiled_bytes(task, size, dtype, b * n, remat, attention=attention) for b in (b1, b2))
+  built = _build(task, size, dtype, b1 * n, remat, False, attention)  # one task, compiled at two batches
+  m1, m2 = (compiled_bytes(built, b * n) for b in (b1, b2))
+  del built
   per_example = (m2 - m1) / (b2 - b1)
   fixed = m1 - per_example * b1
   guess = int((0.97 * limit - fixed) // per_example)

@@ -40,10 +40,10 @@ def _cudnn_flash_device() -> bool:
   way jax's own cuDNN attention checks it."""
   if jax.default_backend() != "gpu":
     return False
+  device = jax.devices()[0]
   try:
-    backend = jax.devices()[0].client
-    capability = tuple(int(x) for x in jax.devices()[0].compute_capability.split("."))
-    return "cuda" in backend.platform_version and capability >= (8, 0)
+    capability = tuple(int(x) for x in device.compute_capability.split("."))
+    return "cuda" in device.client.platform_version and capability >= (8, 0)
   except (AttributeError, ValueError):
     return False
 
