@@ -19,10 +19,12 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import hlo_roofline  # noqa: E402
 from beitv2_jax import parallel  # noqa: E402
 from beitv2_jax.data import pipeline  # noqa: E402
 from beitv2_jax.models import attention as attention_lib  # noqa: E402
@@ -171,7 +173,7 @@ def bench(task: str, size: str, dtype: str, batch: int, steps: int, remat: str =
       state, metrics = compiled(state, batch_arrays, frozen)
     jax.block_until_ready((state, metrics))
     jax.profiler.stop_trace()
-    print_kernel_table(profile_dir, steps=3)
+    print_kernel_table(profile_dir, steps=3, hlo_text=compiled.as_text())
   assert np.isfinite(row["loss"]) and np.isfinite(row["step_ms"])
   return row
 
@@ -181,9 +183,11 @@ KERNEL_KINDS = (("matmul", ("gemm", "xmma", "cutlass", "gemv", "matmul", "dot"))
                 ("collective", ("nccl", "all-reduce", "all_reduce", "all-gather", "reduce-scatter")))
 
 
-def print_kernel_table(profile_dir: str, steps: int, top: int = 20) -> None:
+def print_kernel_table(profile_dir: str, steps: int, top: int = 20, hlo_text: str = "") -> None:
   """Device time per kernel from the newest trace in profile_dir (device planes only: on a CPU there is
-  none and this prints that), grouped into matmul / attention / collective / other."""
+  none and this prints that), grouped into matmul / attention / collective / other. With the compiled
+  module's HLO text, also each source op's measured time next to its roofline bound (hlo_roofline.py),
+  largest gap first: where the step loses time against what the hardware allows."""
   import glob
   from collections import Counter
   paths = sorted(glob.glob(os.path.join(profile_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
@@ -192,6 +196,7 @@ def print_kernel_table(profile_dir: str, steps: int, top: int = 20) -> None:
     return
   data = jax.profiler.ProfileData.from_file(paths[-1])
   per_kernel: Counter = Counter()
+  per_hlo_op: Counter = Counter()  # the kernels' `hlo_op` stat: the HLO instruction that launched them
   for plane in data.planes:
     if not plane.name.startswith("/device:"):
       continue
@@ -201,6 +206,9 @@ def print_kernel_table(profile_dir: str, steps: int, top: int = 20) -> None:
     for line in chosen:
       for ev in line.events:
         per_kernel[ev.name] += ev.duration_ns
+        op = dict(getattr(ev, "stats", ()) or ()).get("hlo_op")
+        if op:
+          per_hlo_op[str(op)] += ev.duration_ns
   print(f"profile: trace {paths[-1]}")
   if not per_kernel:
     print("profile: no device kernels in the trace (a CPU run has none)")
@@ -214,6 +222,17 @@ def print_kernel_table(profile_dir: str, steps: int, top: int = 20) -> None:
         ", ".join(f"{k} {v / total:.1%}" for k, v in kinds.most_common()))
   for name, ns in per_kernel.most_common(top):
     print(f"  {ns / steps / 1e6:8.3f} ms/step {ns / total:6.1%}  {name[:110]}")
+  machine = hlo_roofline.machine_for(jax.devices()[0].device_kind)
+  if not (hlo_text and per_hlo_op and machine):
+    print(f"profile: no roofline comparison (hlo_op stats: {len(per_hlo_op)}, roofline machine: {machine})")
+    return
+  rows, totals = hlo_roofline.measured_vs_bound(per_hlo_op, hlo_roofline.kernels(hlo_text, machine), steps)
+  print(f"profile: roofline ({machine.name}): the matched kernels took {totals['measured_ms']:.2f} ms/step "
+        f"against a bound of {totals['bound_ms']:.2f} ms (whole module {totals['bound_all_ms']:.2f} ms); "
+        f"{totals['unmatched_ms']:.2f} ms/step of kernels matched no instruction")
+  for r in rows[:top]:
+    print(f"  {r['measured_ms']:8.3f} ms/step bound {r['bound_ms']:7.3f} ({r['efficiency']:5.1%}) {r['kernels']:4d}x "
+          f"{r['category'][:18]:18s} {r['source'][-80:]}")
 
 
 def _xla_flops(compiled) -> float | None:

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT
 
 
@@ -31,3 +33,75 @@ def test_train_step_benchmark_smoke(tmp_path):
 def test_input_pipeline_benchmark_smoke():
   out = _run("benchmarks/input_pipeline.py", "--images=8", "--seconds=0.3", "--workers=0", "--size=64")
   assert "| tokenizer |" in out and "grain pipeline" in out
+
+
+# --- hlo_roofline: the kernel-level roofline that benchmarks/gpu_aot.py and --profile use ----------------
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import hlo_roofline  # noqa: E402
+
+_MACHINE = hlo_roofline.Machine("test", peak_tflops=1.0, hbm_tbps=0.1, kernel_floor_us=0.0)
+
+
+def test_roofline_counts_a_matmul_exactly():
+  import jax
+  import jax.numpy as jnp
+  text = jax.jit(lambda a, b: jnp.tanh(a @ b) + 1.0).lower(jnp.ones((64, 32)), jnp.ones((32, 48))).compile().as_text()
+  ks = hlo_roofline.kernels(text, _MACHINE)
+  mm = [k for k in ks if k.category == "matmul"]
+  assert len(mm) == 1 and mm[0].flops == 2 * 64 * 48 * 32
+  assert mm[0].bytes == 4 * (64 * 32 + 32 * 48 + 64 * 48)  # both operands read, the product written
+  assert sum(k.flops for k in ks) == mm[0].flops  # the elementwise tail has no matmul FLOPs
+  # roofline time: max(FLOPs / (peak x efficiency), bytes / (bandwidth x efficiency)) per kernel
+  assert mm[0].ms == pytest.approx(1e3 * max(mm[0].flops / (1e12 * 0.8), mm[0].bytes / (0.1e12 * 0.85)))
+
+
+# A GPU-compiled module in miniature (the forms XLA:GPU prints): a cuBLAS matmul inside a command-buffer
+# call, with its workspace, and a cuDNN flash-attention forward.
+_GPU_HLO = """HloModule jit_train_step, is_scheduled=true
+
+%command_buffer (p0: bf16[8,16], p1: bf16[16,32]) -> (bf16[8,32], s8[1024]) {
+  %p0 = bf16[8,16]{1,0} parameter(0)
+  %p1 = bf16[16,32]{1,0} parameter(1)
+  ROOT %cublas-lt-matmul.1 = (bf16[8,32]{1,0}, s8[1024]{0}) custom-call(%p0, %p1), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(train_step)/transpose(jvp(BEiTForMIM))/backbone/blocks_3/mlp/fc1/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+}
+
+ENTRY %main.1 (a: bf16[8,16], b: bf16[16,32], q: bf16[2,200,4,64], bias: bf16[1,4,200,200]) -> (bf16[8,32], bf16[2,200,4,64]) {
+  %a = bf16[8,16]{1,0} parameter(0)
+  %b = bf16[16,32]{1,0} parameter(1)
+  %q = bf16[2,200,4,64]{3,2,1,0} parameter(2)
+  %bias = bf16[1,4,200,200]{3,2,1,0} parameter(3)
+  %call.1 = (bf16[8,32]{1,0}, s8[1024]{0}) call(%a, %b), to_apply=%command_buffer
+  %gte = bf16[8,32]{1,0} get-tuple-element(%call.1), index=0
+  %fmha.1 = (bf16[2,200,4,64]{3,1,2,0}, u8[0]{0}) custom-call(%q, %q, %q, %bias), custom_call_target="__cudnn$fmhaScaleBiasSoftmax", metadata={op_name="jit(train_step)/jvp(BEiTForMIM)/backbone/blocks_0/attn/dot_product_attention_fwd"}
+  %out = bf16[2,200,4,64]{3,1,2,0} get-tuple-element(%fmha.1), index=0
+  ROOT %t = (bf16[8,32]{1,0}, bf16[2,200,4,64]{3,1,2,0}) tuple(%gte, %out)
+}
+"""
+
+
+def test_roofline_reads_gpu_custom_calls():
+  ks = {k.name: k for k in hlo_roofline.kernels(_GPU_HLO, _MACHINE)}
+  assert set(ks) == {"cublas-lt-matmul.1", "fmha.1"}  # the call's body is walked; gte / tuple launch nothing
+  mm, att = ks["cublas-lt-matmul.1"], ks["fmha.1"]
+  assert mm.category == "matmul" and mm.flops == 2 * 8 * 32 * 16
+  assert mm.bytes == 2 * (8 * 16 + 16 * 32 + 8 * 32)  # cuBLAS's s8 workspace is not traffic
+  assert att.category == "attention (cuDNN)" and att.flops == 4 * 2 * 4 * 200 * 200 * 64
+  assert att.bytes == 3 * 2 * (2 * 200 * 4 * 64) + 2 * 4 * 200 * 200 + 2 * (2 * 200 * 4 * 64)
+  assert hlo_roofline.source_group(mm.op_name) == "bwd BEiTForMIM/backbone/blocks_*/mlp/fc1/dot_general"
+  rows, totals = hlo_roofline.measured_vs_bound({"fmha.1": 3e6 * 2, "memcpy": 1e6}, list(ks.values()), steps=2)
+  assert [r["source"] for r in rows] == ["BEiTForMIM/backbone/blocks_*/attn/dot_product_attention_fwd"]
+  assert rows[0]["measured_ms"] == pytest.approx(3.0) and rows[0]["efficiency"] == pytest.approx(att.ms / 3.0)
+  assert totals["unmatched_ms"] == pytest.approx(0.5)
+
+
+def test_roofline_of_the_tiny_finetune_step_matches_the_model_flop_count():
+  """The matmul FLOPs found in the compiled step agree with the count MFU uses (flops.py), within 10%."""
+  import jax
+  import train_step
+  built = train_step._build("finetune", "tiny", "float32", 8, "none", False, "xla")
+  batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), built.host_batch)
+  text = built.step.lower(built.state_abs, batch, built.frozen).compile().as_text()
+  ks = hlo_roofline.kernels(text, _MACHINE)
+  per_image = sum(k.flops for k in ks) / (8 / built.mesh.devices.size)  # the module is one device's share
+  assert per_image == pytest.approx(built.task.flops_per_example, rel=0.1)
+  assert {r["category"] for r in hlo_roofline.by_category(ks)} >= {"matmul", "elementwise fusion"}
