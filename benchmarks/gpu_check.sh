@@ -33,8 +33,11 @@ stage() {  # name, seconds, command...
 stage attention_tests "${T_TESTS:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py
 stage pretrain "${T_PRETRAIN:-170}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --batch="${PRE_BATCH:-256}" \
   --steps=10 --attention="${PRE_ATTN:-xla,cudnn}" ${PRE_FLAGS:---host-input} --json "$OUT/bench.jsonl"
-stage profile "${T_PROFILE:-90}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --batch=256 --steps=3 \
-  --attention=cudnn --profile=/tmp/beitv2_jax_trace   # the kernel table lands in $OUT/profile.log
+# the kernel table and each source op's measured time against its roofline bound land in $OUT/profile.log;
+# command buffers off, so that every kernel in the trace names its own HLO instruction
+stage profile "${T_PROFILE:-90}" env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+  $PY benchmarks/train_step.py --size=base --tasks=pretrain --batch=256 --steps=3 --attention=cudnn \
+  --profile=/tmp/beitv2_jax_trace
 stage tokenizer_finetune "${T_TOKFT:-120}" $PY benchmarks/train_step.py --size=base --tasks="${TOKFT_TASKS:-tokenizer,finetune}" \
   --attention="${TOKFT_ATTN:-auto}" --batch=256 --steps=10 --json "$OUT/bench.jsonl"
 stage max_batch "${T_MAXB:-110}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --max-batch \

@@ -128,9 +128,8 @@ def _kernels(computations, name) -> Iterator[tuple[Instr, dict]]:
 
 
 def _dot_flops(dot: Instr, shapes: dict) -> float:
-  (_, out), = array_dims(dot.shape)[:1] or [(None, [])]
-  lhs = array_dims(shapes.get(dot.operands[0], ""))
-  if not lhs:
+  out, lhs = array_dims(dot.shape), array_dims(shapes.get(dot.operands[0], ""))
+  if not out or not lhs:
     return 0.0
   contracting = dot.attr(r"lhs_contracting_dims=\{([0-9,]*)\}") or ",".join(
       re.findall(r'"(\d+)"', dot.attr(r'"lhs_contracting_dimensions":\[([^\]]*)\]')))
@@ -138,7 +137,7 @@ def _dot_flops(dot: Instr, shapes: dict) -> float:
   for c in filter(None, contracting.split(",")):
     k *= lhs[0][1][int(c)]
   n_out = 1
-  for d in out:
+  for d in out[0][1]:  # the product (a cuBLAS call's first result; its workspace follows)
     n_out *= d
   return 2.0 * n_out * k
 
@@ -148,8 +147,8 @@ def _attention_flops(call: Instr, shapes: dict) -> float:
   if not q or len(q[0][1]) != 4:
     return 0.0
   b, *rest = q[0][1]
-  d, h, n = sorted(rest)  # (B, N, H, D) or (B, H, N, D): D <= H-or-N; ViT shapes have H < N
-  forward = 4.0 * b * h * n * n * d
+  small, other, n = sorted(rest)  # (B, N, H, D) or (B, H, N, D): the tokens N are the largest at ViT shapes
+  forward = 4.0 * b * n * n * small * other  # 2 B H N^2 D for q k^T, the same for p v
   return 2.5 * forward if "Backward" in call.line else forward
 
 

@@ -98,3 +98,35 @@ def test_vit_logits_cudnn_vs_xla():
   ref = model_x.apply({"params": params}, x)["logits"]
   out = VisionTransformer(**kw, attention="cudnn").apply({"params": params}, x)["logits"]
   assert _rel(out, ref) < 2e-2
+
+
+@jax.default_matmul_precision("highest")
+def test_vit_pads_tokens_once_for_the_fused_path(monkeypatch):
+  """The fused path pads the 17 tokens of a 64 px / 16 px ViT to 24 before the q/k/v projections and drops
+  the padded rows after the output projection. Run through jax's XLA implementation of the same fused
+  call (CPU), the logits and every parameter's gradient equal the explicit form's."""
+  kw = dict(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=5, rel_pos="layer")
+  x = jax.random.uniform(jax.random.key(0), (3, 64, 64, 3))
+  model = VisionTransformer(**kw, attention="xla")
+  params = model.init(jax.random.key(1), x)["params"]
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
+
+  def loss(params, model):
+    return jnp.sum(model.apply({"params": params}, x)["logits"] ** 2)
+
+  ref_loss, ref_grads = jax.value_and_grad(loss)(params, model)
+  seen = []
+  real = attention_lib.fused_attention
+
+  def fused_on_cpu(q, k, v, bias, valid, implementation):
+    seen.append((q.shape[1], valid))
+    return real(q, k, v, bias, valid, implementation="xla")
+
+  monkeypatch.setattr(attention_lib, "resolve", lambda impl, dtype, head_dim: "cudnn")
+  monkeypatch.setattr(attention_lib, "fused_attention", fused_on_cpu)
+  out_loss, out_grads = jax.value_and_grad(loss)(params, VisionTransformer(**kw, attention="cudnn"))
+  assert seen and all(s == (24, 17) for s in seen)
+  np.testing.assert_allclose(out_loss, ref_loss, rtol=1e-5)
+  flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref_grads))
+  for path, g in jax.tree_util.tree_leaves_with_path(out_grads):
+    np.testing.assert_allclose(g, flat_ref[path], atol=1e-6, rtol=1e-4, err_msg=jax.tree_util.keystr(path))

@@ -92,13 +92,13 @@ def test_commitment_loss_is_mean_over_all_elements():
   np.testing.assert_allclose(float(commit), np.mean((E[np.asarray(ids)] - z) ** 2), rtol=1e-5)
 
 
-def test_kmeans_init_identical_on_every_device_and_only_once():
+def test_kmeans_init_identical_on_every_device():
   rng = np.random.RandomState(0)
   z = jnp.asarray(_l2n(rng.randn(1024, 8)), jnp.float32)
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   zs = jax.device_put(z, NamedSharding(mesh, P("data")))
   cb = q.new_codebook(jax.random.key(0), 64, 8)
-  init = jax.jit(lambda cb, z: q.maybe_kmeans_init(cb, z, jax.random.key(1)))
+  init = jax.jit(lambda cb, z: q.kmeans_init(cb, z, jax.random.key(1)))
   out = init(jax.device_put(cb, NamedSharding(mesh, P())), zs)
   shards = [np.asarray(s.data) for s in out.embedding.addressable_shards]
   assert len(shards) == 8
@@ -106,10 +106,8 @@ def test_kmeans_init_identical_on_every_device_and_only_once():
     np.testing.assert_array_equal(s, shards[0])
   ref = init(cb, z)  # one device, same global batch
   np.testing.assert_allclose(shards[0], np.asarray(ref.embedding), atol=1e-6)
-  assert bool(out.initted) and not np.allclose(shards[0], np.asarray(cb.embedding))
+  assert bool(out.initted) and not bool(cb.initted) and not np.allclose(shards[0], np.asarray(cb.embedding))
   np.testing.assert_allclose(np.linalg.norm(shards[0], axis=-1), 1.0, atol=1e-5)
-  again = init(out, zs * -1.0)  # already initted: a no-op
-  np.testing.assert_array_equal(np.asarray(again.embedding), np.asarray(out.embedding))
 
 
 def test_dead_code_restart_reseeds_only_stale_codes():

@@ -103,3 +103,30 @@ def test_teacher_with_another_grid_needs_teacher_resize(tmp_path):
   c = tokenizer_config(steps=2, teacher=str(tmp_path / "clip"), teacher_resize=True)
   entry.run(c, str(tmp_path / "yes"))
   assert beitv2_jax.load(str(tmp_path / "yes")).decode(np.zeros((1, 64), np.int32)).shape == (1, 64, 16)
+
+
+def test_kmeans_init_happens_in_the_first_step_only(tmp_path):
+  """The first step of a fresh run initialises the codebook by k-means (official kmeans_init); later steps
+  and resumed runs have no k-means (nor a conditional) in their compiled step."""
+  import jax
+  from helpers import params_of
+  from beitv2_jax import parallel
+  from beitv2_jax.train import loop
+  from beitv2_jax.train.tokenizer import TokenizerTask
+  c = tokenizer_config(steps=2, batch=16)
+  task = TokenizerTask(c, str(tmp_path / "direct"), parallel.make_mesh())
+  state = jax.jit(task.init_state)(jax.random.PRNGKey(0))
+  assert not bool(state.extra.initted) and task.first_step(state) is not None
+  images = np.random.default_rng(0).integers(0, 256, (16, c.model.img_size, c.model.img_size, 3), np.uint8)
+  frozen = task.replicated_frozen()
+  plain, _ = jax.jit(task.train_step)(state, {"image": images}, frozen)
+  assert not bool(plain.extra.initted)  # the steady-state step never runs k-means
+  first, _ = jax.jit(task.first_step(state))(state, {"image": images}, frozen)
+  emb = np.asarray(first.extra.embedding)
+  assert bool(first.extra.initted) and task.first_step(first) is None
+  assert not np.allclose(emb, np.asarray(plain.extra.embedding), atol=1e-3)
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-3)  # cosine k-means: unit means (+ EMA)
+  # through the loop: a 2-step run saves an initted codebook (so resuming it asks for no first step)
+  c.total_steps = 2
+  loop.run(TokenizerTask(c, str(tmp_path / "run"), parallel.make_mesh()))
+  assert bool(np.asarray(params_of(str(tmp_path / "run"))["extra"]["initted"]))

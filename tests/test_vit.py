@@ -135,3 +135,22 @@ def test_data_parallel_8_devices_equals_1():
   assert len(xs.sharding.device_set) == 8
   np.testing.assert_allclose(l8, l1, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g8, g1)
+
+
+def test_gelu_is_torch_exact_gelu_with_the_same_gradient():
+  """vit.gelu (custom backward that recomputes the CDF) against jax.nn.gelu(approximate=False) and torch."""
+  import torch
+  from beitv2_jax.models.vit import gelu
+  x = jnp.linspace(-9.0, 9.0, 2001, dtype=jnp.float32)
+  np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(gelu(x), torch.nn.functional.gelu(torch.tensor(np.asarray(x))).numpy(),
+                             atol=1e-6, rtol=1e-6)
+  g = jax.grad(lambda x: jnp.sum(gelu(x) * jnp.cos(x)))(x)
+  g_ref = jax.grad(lambda x: jnp.sum(jax.nn.gelu(x, approximate=False) * jnp.cos(x)))(x)
+  np.testing.assert_allclose(g, g_ref, atol=1e-6, rtol=1e-5)
+  # bf16: computed in float32 and rounded once, as torch does for bf16 inputs (torch's erf form rounds the
+  # left tail with less precision than erfc: within one bf16 ulp, 2^-7 relative)
+  xb = x.astype(jnp.bfloat16)
+  tb = torch.nn.functional.gelu(torch.tensor(np.asarray(xb.astype(jnp.float32))).to(torch.bfloat16))
+  np.testing.assert_allclose(np.asarray(gelu(xb).astype(jnp.float32)), tb.float().numpy(), atol=1e-6, rtol=2**-7)
+  assert gelu(xb).dtype == jnp.bfloat16 and jax.grad(lambda x: gelu(x).sum())(xb).dtype == jnp.bfloat16

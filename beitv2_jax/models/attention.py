@@ -66,23 +66,42 @@ def _xla_attention(q, k, v, bias):
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def padded_fused_attention(q, k, v, bias, implementation: str = "cudnn", pad_multiple: int = _PAD_MULTIPLE):
-  """jax.nn.dot_product_attention on tokens padded to a multiple of `pad_multiple`, padded keys masked
-  through the bias. `implementation="xla"` runs the same padding logic on any backend (tests)."""
+def padded_length(n: int, impl: str, pad_multiple: int = _PAD_MULTIPLE) -> int:
+  """Tokens the fused kernel wants for `n` real ones (the explicit form takes any count)."""
+  return n + (-n) % pad_multiple if impl == "cudnn" else n
+
+
+def masked_padding_bias(bias: Optional[Array], valid: int, n: int, dtype) -> Array:
+  """The (.., H, valid, valid) bias (or None) widened to (.., n, n) with the keys from `valid` on masked
+  (-2^41), in `dtype`, shaped (1 or B, H or 1, n, n) as jax.nn.dot_product_attention takes it."""
+  if bias is None:
+    bias = jnp.zeros((1, 1, valid, valid), jnp.float32)
+  pad = n - valid
+  if pad:
+    bias = jnp.pad(bias, [(0, 0)] * (bias.ndim - 2) + [(0, pad), (0, pad)])
+    bias = jnp.where(jnp.arange(n) >= valid, jnp.asarray(_MASK_VALUE, bias.dtype), bias)
+  return bias.reshape((1,) * (4 - bias.ndim) + bias.shape).astype(dtype)
+
+
+def fused_attention(q, k, v, bias, valid: int, implementation: str = "cudnn"):
+  """jax.nn.dot_product_attention on q, k, v that already hold N >= `valid` tokens, the first `valid` real:
+  the keys after them are masked. Returns all N rows (the padded ones are garbage for the caller to drop).
+  Padding the tokens once, before the q/k/v projections (what models/vit.py does), spares the copies
+  that padding q, k and v separately would make."""
   if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"attention='cudnn' needs bfloat16 or float16 inputs, got {q.dtype}: set "
                      "model.dtype='bfloat16' or attention='xla'")
+  bias = masked_padding_bias(bias, valid, q.shape[1], q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=q.shape[-1] ** -0.5,
+                                      implementation=implementation)
+
+
+def padded_fused_attention(q, k, v, bias, implementation: str = "cudnn", pad_multiple: int = _PAD_MULTIPLE):
+  """fused_attention on q, k, v padded here to a multiple of `pad_multiple` tokens, padded rows dropped.
+  `implementation="xla"` runs the same padding logic on any backend (tests)."""
   n = q.shape[1]
   pad = (-n) % pad_multiple
   if pad:
     widen = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
     q, k, v = widen(q), widen(k), widen(v)
-    if bias is None:
-      bias = jnp.zeros((1, 1, n, n), jnp.float32)
-    bias = jnp.pad(bias, [(0, 0)] * (bias.ndim - 2) + [(0, pad), (0, pad)])
-    bias = jnp.where(jnp.arange(n + pad) >= n, jnp.asarray(_MASK_VALUE, bias.dtype), bias)
-  if bias is not None:
-    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape).astype(q.dtype)
-  out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=q.shape[-1] ** -0.5,
-                                     implementation=implementation)
-  return out[:, :n]
+  return fused_attention(q, k, v, bias, n, implementation)[:, :n]

@@ -119,13 +119,12 @@ def kmeans(z: Array, size: int, key: Array, iters: int = 10) -> tuple[Array, Arr
   return jax.lax.fori_loop(0, iters, body, (means, jnp.zeros((size,), jnp.float32)))
 
 
-def maybe_kmeans_init(cb: Codebook, z: Array, key: Array, iters: int = 10) -> Codebook:
-  """Runs k-means on this (global) batch once, on the first training step; a no-op afterwards and on
-  loaded codebooks (their `initted` is True)."""
-  def init(cb):
-    means, bins = kmeans(z, cb.size, key, iters)
-    return cb.replace(embedding=means, usage=bins, initted=jnp.asarray(True))
-  return jax.lax.cond(cb.initted, lambda c: c, init, cb)
+def kmeans_init(cb: Codebook, z: Array, key: Array, iters: int = 10) -> Codebook:
+  """The codebook replaced by k-means on this (global) batch, as the official first training forward does
+  when `kmeans_init` is set. The tokenizer runs it in its first step only (TokenizerTask.first_step): a
+  conditional inside every step would make the GPU wait for the host each step."""
+  means, bins = kmeans(z, cb.size, key, iters)
+  return cb.replace(embedding=means, usage=bins, initted=jnp.asarray(True))
 
 
 def usage_metrics(counts: Array) -> dict[str, Array]:

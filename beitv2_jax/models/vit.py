@@ -101,6 +101,21 @@ class RelativePositionBias(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # Block
 # ------------------------------------------------------------------------------------------------
+class QKV(nn.Module):
+  """The fused q/k/v projection's parameter (`attn/qkv/kernel`, (D, 3D), official `attn.qkv.weight`),
+  applied as three matmuls: q, k and v come out contiguous, (B, N, D) each, where slicing one (B, N, 3D)
+  product would copy them. Same products, same initialisation as nn.Dense(3D, use_bias=False)."""
+  kernel_init: Any
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> tuple[Array, Array, Array]:
+    d = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (d, 3 * d)).astype(self.dtype)
+    x = x.astype(self.dtype)
+    return tuple(x @ kernel[:, i * d:(i + 1) * d] for i in range(3))
+
+
 class Attention(nn.Module):
   num_heads: int
   window: Optional[Sequence[int]] = None  # per-layer relative position table when set
@@ -113,21 +128,55 @@ class Attention(nn.Module):
     b, n, d = x.shape
     h = self.num_heads
     kinit, binit, *_ = _inits(self.init_style)
-    qkv = nn.Dense(3 * d, use_bias=False, kernel_init=kinit, dtype=self.dtype, name="qkv")(x)
-    q_bias = self.param("q_bias", nn.initializers.zeros, (d,))
-    v_bias = self.param("v_bias", nn.initializers.zeros, (d,))
+    impl = attention_lib.resolve(self.attention, self.dtype, d // h)
+    # The fused kernel wants a multiple of 8 tokens: pad once here, so that q, k, v come out padded.
+    n_pad = attention_lib.padded_length(n, impl)
+    x = jnp.pad(x, ((0, 0), (0, n_pad - n), (0, 0))) if n_pad > n else x
+    q, k, v = QKV(kinit, self.dtype, name="qkv")(x)
     # The k bias is a constant zero (official: concat(q_bias, zeros, v_bias)).
-    qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-    qkv = qkv.reshape(b, n, 3, h, d // h)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = q + self.param("q_bias", nn.initializers.zeros, (d,)).astype(q.dtype)
+    v = v + self.param("v_bias", nn.initializers.zeros, (d,)).astype(v.dtype)
+    q, k, v = (t.reshape(b, n_pad, h, d // h) for t in (q, k, v))
     bias = rel_pos_bias
     if self.window is not None:
       table = self.param("relative_position_bias_table", nn.initializers.zeros,
                          (num_relative_distance(self.window), h))
       own = gather_rel_pos_bias(table, self.window)
       bias = own if bias is None else own + bias
-    out = attention_lib.attention(q, k, v, bias, self.attention).reshape(b, n, d)
-    return nn.Dense(d, kernel_init=kinit, bias_init=binit(d), dtype=self.dtype, name="proj")(out)
+    if impl == "cudnn":
+      out = attention_lib.fused_attention(q, k, v, bias, n, implementation="cudnn")
+    else:
+      out = attention_lib.attention(q, k, v, bias, impl)
+    out = nn.Dense(d, kernel_init=kinit, bias_init=binit(d), dtype=self.dtype, name="proj")(out.reshape(b, n_pad, d))
+    return out[:, :n]  # the padded rows go (the slice fuses into the residual add)
+
+
+@jax.custom_vjp
+def gelu(x: Array) -> Array:
+  """Exact (erf) GELU, torch's nn.GELU(): computed in float32, rounded once to x's dtype.
+
+  The backward is torch's formula, dy * (cdf(x) + x * pdf(x)), recomputed from x (which the backward
+  keeps anyway) behind an optimization barrier. Autodiff of jax.nn.gelu instead writes its erfc term out
+  in the forward and reads it back: one more (B, N, 4D) tensor each way, per block."""
+  return _gelu_fwd(x)[0]
+
+
+def _gelu_fwd(x):
+  xf = x.astype(jnp.float32)
+  return (0.5 * xf * jax.lax.erfc(-xf * _SQRT_HALF)).astype(x.dtype), x
+
+
+def _gelu_bwd(x, g):
+  # the barrier keeps XLA from sharing the forward's erfc with this (and so storing it between the two)
+  xf = jax.lax.optimization_barrier(x).astype(jnp.float32)
+  cdf = 0.5 * (1.0 + jax.lax.erf(xf * _SQRT_HALF))
+  pdf = jnp.exp(-0.5 * xf * xf) * _INV_SQRT_2PI
+  return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(g.dtype),)
+
+
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class Mlp(nn.Module):
@@ -140,7 +189,7 @@ class Mlp(nn.Module):
     d = x.shape[-1]
     kinit, binit, *_ = _inits(self.init_style)
     x = nn.Dense(self.hidden, kernel_init=kinit, bias_init=binit(d), dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)  # exact erf GELU, as torch nn.GELU
+    x = gelu(x)  # exact erf GELU, as torch nn.GELU
     return nn.Dense(d, kernel_init=kinit, bias_init=binit(self.hidden), dtype=self.dtype, name="fc2")(x)
 
 

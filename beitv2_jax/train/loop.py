@@ -74,6 +74,11 @@ class Task:
   def train_step(self, state: TrainState, batch: dict, frozen: Any) -> tuple[TrainState, dict]:
     raise NotImplementedError
 
+  def first_step(self, state: TrainState) -> Optional[Callable]:
+    """A step function (train_step's signature) for the first step of this run when `state` needs a
+    different one (the tokenizer's k-means codebook init), else None. Compiled and used once."""
+    return None
+
   def evaluate(self, state: TrainState) -> dict:
     return {}
 
@@ -172,8 +177,11 @@ def run(task: Task) -> tuple[TrainState, dict]:
   # ---- Compiled step -----------------------------------------------------------------------------
   batch_sharding = parallel.batch_sharding(mesh)
   frozen = jax.device_put(task.frozen, parallel.state_shardings(task.frozen, mesh, task.state_rules()))
-  step_fn = jax.jit(task.train_step, in_shardings=(shardings, batch_sharding, None),
-                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  compile_step = lambda fn: jax.jit(fn, in_shardings=(shardings, batch_sharding, None),
+                                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  step_fn = compile_step(task.train_step)
+  first = task.first_step(state)
+  first_fn = compile_step(first) if first is not None else None
 
   writer = MetricWriter(workdir, wandb_config=dict(config.get("wandb", {}), run_config=config.to_dict()))
   preempted = _install_sigterm()
@@ -200,7 +208,7 @@ def run(task: Task) -> tuple[TrainState, dict]:
     for step in range(start + 1, total + 1):
       batch, bad = next(data_iter)
       bad_images += bad
-      state, metrics = step_fn(state, batch, frozen)
+      state, metrics = (first_fn if first_fn is not None and step == start + 1 else step_fn)(state, batch, frozen)
       pending.append(metrics)
       steps_since += 1
       stop = parallel.any_process(preempted()) or step == stop_after

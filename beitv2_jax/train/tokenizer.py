@@ -1,6 +1,8 @@
 """Task `tokenizer`: train a VQ-KD tokenizer by distilling a frozen teacher (spec §1-2)."""
 from __future__ import annotations
 
+import functools
+
 import logging
 
 import jax
@@ -116,7 +118,17 @@ class TokenizerTask(Task):
   def model_info(self):
     return {"kind": "tokenizer", "model": self.kwargs, "teacher": self.teacher.source}
 
+  def first_step(self, state: TrainState):
+    """The first step of a run whose codebook still needs its k-means init: the same step with k-means on
+    the batch's encodings first (official `kmeans_init`). Loaded and resumed codebooks are initted."""
+    if bool(np.asarray(state.extra.initted.addressable_data(0))):
+      return None
+    return functools.partial(self._step, kmeans=True)
+
   def train_step(self, state: TrainState, batch: dict, teacher_params):
+    return self._step(state, batch, teacher_params, kmeans=False)
+
+  def _step(self, state: TrainState, batch: dict, teacher_params, kmeans: bool):
     m = self.config.model
     rng = jax.random.fold_in(state.rng, state.step)
     k_kmeans, k_drop, k_restart = jax.random.split(rng, 3)
@@ -125,7 +137,7 @@ class TokenizerTask(Task):
 
     def loss_fn(params):
       z = self.model.apply({"params": params}, images, method=VQKD.encode)
-      cb = quantizer.maybe_kmeans_init(state.extra, jax.lax.stop_gradient(z), k_kmeans)
+      cb = quantizer.kmeans_init(state.extra, jax.lax.stop_gradient(z), k_kmeans) if kmeans else state.extra
       zq, commit, ids = quantizer.quantize(jax.lax.stop_gradient(cb.embedding), z)
       rec = self.model.apply({"params": params}, zq, True, method=VQKD.decode, rngs={"dropout": k_drop})
       rec_loss = cosine_rec_loss(rec, target)
