@@ -388,7 +388,7 @@ def export_state_dict(model: Model, path: str) -> dict:
     save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, path)
   elif path.endswith((".pth", ".pt", ".bin")):
     import torch
-    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}}, path)
+    torch.save({"model": {k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()}}, path)
   elif path:
     raise ValueError(f"export path must end in .safetensors or .pth, got {path}")
   return sd

@@ -45,7 +45,7 @@ def test_tokenizer_api_and_official_layout_round_trip(trained, tmp_path):
   assert sd["decoder.patch_embed.proj.weight"].shape == (64, 32, 1, 1)
   # the official checkpoint also carries teacher and dead EMA buffers: ignored on load
   import torch
-  full = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
+  full = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()}
   full["teacher_model.visual.proj"] = torch.zeros(3, 3)
   full["scaling_layer.shift"] = torch.zeros(3)
   full["quantize.cluster_size"] = torch.zeros(512)
