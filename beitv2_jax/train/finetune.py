@@ -30,6 +30,36 @@ def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax
   return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + off
 
 
+def sample_gamma(key, alpha: float, proposals: int = 16) -> jax.Array:
+  """One Gamma(alpha, 1) draw without a loop (jax.random.gamma loops until it accepts, and every loop
+  iteration in a GPU step waits for the host to read its condition).
+
+  Marsaglia & Tsang (2000): `proposals` candidates at once, the first accepted one kept. For alpha >= 1 a
+  candidate is accepted with probability > 0.95, so all 16 fail with probability < 1e-20 (then the last
+  candidate is used). alpha < 1 draws Gamma(alpha + 1) and multiplies by U^(1 / alpha)."""
+  k_normal, k_uniform, k_boost = jax.random.split(key, 3)
+  a = alpha + 1.0 if alpha < 1.0 else alpha
+  d = a - 1.0 / 3.0
+  c = 1.0 / np.sqrt(9.0 * d)
+  x = jax.random.normal(k_normal, (proposals,))
+  u = jax.random.uniform(k_uniform, (proposals,), minval=jnp.finfo(jnp.float32).tiny)
+  v = (1.0 + c * x) ** 3
+  safe_v = jnp.where(v > 0, v, 1.0)
+  accepted = (v > 0) & (jnp.log(u) < 0.5 * x * x + d - d * safe_v + d * jnp.log(safe_v))
+  first = jnp.where(jnp.any(accepted), jnp.argmax(accepted), proposals - 1)
+  g = d * safe_v[first]
+  if alpha < 1.0:
+    g = g * jax.random.uniform(k_boost, minval=jnp.finfo(jnp.float32).tiny) ** (1.0 / alpha)
+  return g
+
+
+def sample_beta(key, a: float, b: float) -> jax.Array:
+  """Beta(a, b) = X / (X + Y), X ~ Gamma(a), Y ~ Gamma(b), loop-free (sample_gamma)."""
+  kx, ky = jax.random.split(key)
+  x, y = sample_gamma(kx, a), sample_gamma(ky, b)
+  return x / jnp.maximum(x + y, jnp.finfo(jnp.float32).tiny)  # both underflowing (p ~ 1e-24): 0, not NaN
+
+
 def mixup_cutmix(rng, images, labels, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0,
                  switch_prob=0.5, smoothing=0.1):
   """One lambda per batch; the batch is mixed with itself reversed; CutMix with probability switch_prob
@@ -38,8 +68,8 @@ def mixup_cutmix(rng, images, labels, num_classes, mixup_alpha=0.8, cutmix_alpha
   b, h, w, _ = images.shape
   use_cutmix = jax.random.uniform(k_switch) < switch_prob if mixup_alpha > 0 and cutmix_alpha > 0 else (
       jnp.asarray(cutmix_alpha > 0))
-  lam_mix = jax.random.beta(k_mix, max(mixup_alpha, 1e-6), max(mixup_alpha, 1e-6))
-  lam_cut = jax.random.beta(k_cut, max(cutmix_alpha, 1e-6), max(cutmix_alpha, 1e-6))
+  lam_mix = sample_beta(k_mix, max(mixup_alpha, 1e-6), max(mixup_alpha, 1e-6))
+  lam_cut = sample_beta(k_cut, max(cutmix_alpha, 1e-6), max(cutmix_alpha, 1e-6))
   lam = jnp.where(use_cutmix, lam_cut, lam_mix)
   apply = jax.random.uniform(k_apply) < prob
   lam = jnp.where(apply, lam, 1.0)
