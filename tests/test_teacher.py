@@ -47,7 +47,7 @@ def test_clip_target_matches_transformers_torch_safetensors(tmp_path):
   ref_model.save_pretrained(tmp_path, safe_serialization=True)
   t = T.load_teacher(str(tmp_path))
   x = _images()
-  pix = torch.from_numpy(np.asarray(t.normalise(x)).transpose(0, 3, 1, 2))
+  pix = torch.from_numpy(np.array(t.normalise(x)).transpose(0, 3, 1, 2).copy())
   with torch.no_grad():
     hidden = ref_model.vision_model(pixel_values=pix).last_hidden_state
     ref = ref_model.visual_projection(ref_model.vision_model.post_layernorm(hidden))[:, 1:].numpy()
