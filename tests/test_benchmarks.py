@@ -35,6 +35,22 @@ def test_input_pipeline_benchmark_smoke():
   assert "| tokenizer |" in out and "grain pipeline" in out
 
 
+def test_gpu_aot_compiles_for_an_h100_or_says_what_to_install():
+  """With the CUDA plugin installed, the tiny fine-tune step compiles for an H100 on this CPU (cuDNN
+  attention included); without it (CI), the script stops with the install command."""
+  import importlib.util
+  has_plugin = any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)) \
+      if importlib.util.find_spec("jax_plugins") else False
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  r = subprocess.run([sys.executable, "benchmarks/gpu_aot.py", "--target=h100", "--size=tiny", "--tasks=finetune",
+                      "--batch=8", "--top=3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  if has_plugin:
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "target=h100 | task=finetune" in r.stdout and "attention (cuDNN)" in r.stdout
+  else:
+    assert r.returncode != 0 and 'pip install "jax[cuda12]==' in r.stdout + r.stderr
+
+
 # --- hlo_roofline: the kernel-level roofline that benchmarks/gpu_aot.py and --profile use ----------------
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import hlo_roofline  # noqa: E402
