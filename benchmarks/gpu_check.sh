@@ -9,7 +9,7 @@
 # Needs jax[cuda] plus this repo's requirements (grain, ml_collections, flax, optax, orbax-checkpoint).
 # On a machine without network (a lent GPU), bring the missing wheels along and install them first, e.g.
 #   pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux_2_28_x86_64 \
-#     -d .whl grain==0.2.18 array_record ml_collections==1.1.0 portpicker
+#     --platform manylinux2014_x86_64 -d .whl grain==0.2.18 array_record==0.8.6 ml_collections==1.1.0 portpicker
 #   (there) pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 set -u
 OUT=${OUT:-gpu_results}
