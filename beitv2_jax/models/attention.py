@@ -48,13 +48,18 @@ def _cudnn_flash_device() -> bool:
     return False
 
 
-def attention(q: Array, k: Array, v: Array, bias: Optional[Array] = None, impl: str = "auto") -> Array:
-  """q, k, v: (B, N, H, Dh) in the compute dtype; bias: (H, N, N) or (B, H, N, N), added to the scaled
-  scores. Returns (B, N, H, Dh) in the dtype of v."""
+def attention(q: Array, k: Array, v: Array, bias: Optional[Array] = None, impl: str = "auto",
+              valid: Optional[int] = None) -> Array:
+  """q, k, v: (B, N, H, Dh) in the compute dtype; bias: (H, V, V) or (B, H, V, V), added to the scaled
+  scores, for the first V = `valid` tokens (default all N). Tokens after them are padding the caller added
+  (models/vit.py pads before the q/k/v projections, for the fused kernel): their keys are masked and their
+  rows are garbage. Returns (B, N, H, Dh) in the dtype of v."""
   impl = resolve(impl, q.dtype, q.shape[-1])
   if impl == "xla":
+    if valid is not None and valid < q.shape[1]:
+      bias = masked_padding_bias(bias, valid, q.shape[1], jnp.float32)
     return _xla_attention(q, k, v, bias)
-  return padded_fused_attention(q, k, v, bias, implementation="cudnn")
+  return padded_fused_attention(q, k, v, bias, implementation="cudnn", valid=valid)
 
 
 def _xla_attention(q, k, v, bias):
@@ -96,12 +101,14 @@ def fused_attention(q, k, v, bias, valid: int, implementation: str = "cudnn"):
                                       implementation=implementation)
 
 
-def padded_fused_attention(q, k, v, bias, implementation: str = "cudnn", pad_multiple: int = _PAD_MULTIPLE):
-  """fused_attention on q, k, v padded here to a multiple of `pad_multiple` tokens, padded rows dropped.
-  `implementation="xla"` runs the same padding logic on any backend (tests)."""
+def padded_fused_attention(q, k, v, bias, implementation: str = "cudnn", pad_multiple: int = _PAD_MULTIPLE,
+                           valid: Optional[int] = None):
+  """fused_attention on q, k, v padded here to a multiple of `pad_multiple` tokens (none added when the
+  caller padded already), the added rows dropped. `implementation="xla"` runs the same padding logic on
+  any backend (tests)."""
   n = q.shape[1]
   pad = (-n) % pad_multiple
   if pad:
     widen = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
     q, k, v = widen(q), widen(k), widen(v)
-  return fused_attention(q, k, v, bias, n, implementation)[:, :n]
+  return fused_attention(q, k, v, bias, n if valid is None else valid, implementation)[:, :n]

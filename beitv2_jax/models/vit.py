@@ -143,10 +143,7 @@ class Attention(nn.Module):
                          (num_relative_distance(self.window), h))
       own = gather_rel_pos_bias(table, self.window)
       bias = own if bias is None else own + bias
-    if impl == "cudnn":
-      out = attention_lib.fused_attention(q, k, v, bias, n, implementation="cudnn")
-    else:
-      out = attention_lib.attention(q, k, v, bias, impl)
+    out = attention_lib.attention(q, k, v, bias, impl, valid=n)
     out = nn.Dense(d, kernel_init=kinit, bias_init=binit(d), dtype=self.dtype, name="proj")(out.reshape(b, n_pad, d))
     return out[:, :n]  # the padded rows go (the slice fuses into the residual add)
 
