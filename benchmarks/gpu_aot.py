@@ -31,12 +31,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
 
 import hlo_roofline  # noqa: E402
 import train_step  # noqa: E402
 from beitv2_jax import parallel  # noqa: E402
 from beitv2_jax.models import attention as attention_lib  # noqa: E402
+from beitv2_jax.train.loop import jit_step  # noqa: E402
 
 # XLA's GPU target description (stream_executor GpuTargetConfigProto), what the GPU would report itself.
 _DEVICE_INFO = """
@@ -88,8 +89,7 @@ def compile_step(task: str, size: str, batch: int, attention: str, remat: str, m
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), built.state_abs, shardings)
   batch_abs = on(built.host_batch, parallel.batch_sharding(mesh))
   frozen = on(built.frozen, parallel.replicated(mesh)) if built.frozen is not None else None
-  step = jax.jit(built.task.train_step, in_shardings=(shardings, parallel.batch_sharding(mesh), None),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  step = jit_step(built.task.train_step, shardings, mesh)
   # The host is a CPU: while tracing the step, "auto" must resolve as it would on the target (cuDNN for
   # bf16 on an H100/H200). Building the task above ran parameter inits on the CPU with the real check.
   on_cpu = attention_lib._cudnn_flash_device

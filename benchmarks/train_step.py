@@ -29,7 +29,7 @@ from beitv2_jax import parallel  # noqa: E402
 from beitv2_jax.data import pipeline  # noqa: E402
 from beitv2_jax.models import attention as attention_lib  # noqa: E402
 from beitv2_jax.config_defaults import base, vit_model  # noqa: E402
-from beitv2_jax.train.loop import device_peak_flops  # noqa: E402
+from beitv2_jax.train.loop import device_peak_flops, jit_step  # noqa: E402
 
 
 def make_config(task: str, size: str, dtype: str, batch: int, remat: str, scan: bool, attention: str = "auto"):
@@ -104,8 +104,7 @@ def _build(task: str, size: str, dtype: str, batch: int, remat: str, scan: bool,
   t = get_task_class(task)(config, tempfile.mkdtemp(), mesh)
   state_abs = jax.eval_shape(t.init_state, jax.random.PRNGKey(0))
   shardings = parallel.state_shardings(state_abs, mesh)
-  step = jax.jit(t.train_step, in_shardings=(shardings, parallel.batch_sharding(mesh), None),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  step = jit_step(t.train_step, shardings, mesh)
   frozen = jax.device_put(t.frozen, parallel.replicated(mesh)) if t.frozen is not None else None
   return Built(t, config, mesh, state_abs, shardings, step, synthetic_batch(t, task, batch), frozen)
 

@@ -144,6 +144,14 @@ def _fmt_eta(seconds: float) -> str:
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def jit_step(step: Callable, state_shardings: Any, mesh) -> Callable:
+  """A step function (train_step's signature) jitted as the loop runs it: the state sharded as given and
+  donated, the batch split over the mesh's batch axes, the frozen inputs as they were put, metrics
+  replicated. The benchmarks compile it the same way."""
+  return jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh), None),
+                 out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+
+
 def run(task: Task) -> tuple[TrainState, dict]:
   """Trains `task` to task.total_steps, resuming from task.workdir if it holds a checkpoint. Returns the
   final state and the last logged metrics merged with the last evaluation."""
@@ -175,13 +183,10 @@ def run(task: Task) -> tuple[TrainState, dict]:
                         {"task": task.name, "config": config.to_dict(), **task.model_info()})
 
   # ---- Compiled step -----------------------------------------------------------------------------
-  batch_sharding = parallel.batch_sharding(mesh)
   frozen = jax.device_put(task.frozen, parallel.state_shardings(task.frozen, mesh, task.state_rules()))
-  compile_step = lambda fn: jax.jit(fn, in_shardings=(shardings, batch_sharding, None),
-                                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
-  step_fn = compile_step(task.train_step)
+  step_fn = jit_step(task.train_step, shardings, mesh)
   first = task.first_step(state)
-  first_fn = compile_step(first) if first is not None else None
+  first_fn = jit_step(first, shardings, mesh) if first is not None else None
 
   writer = MetricWriter(workdir, wandb_config=dict(config.get("wandb", {}), run_config=config.to_dict()))
   preempted = _install_sigterm()
