@@ -208,15 +208,21 @@ def kernels(text: str, machine: Machine) -> list[Kernel]:
   return out
 
 
-def by_category(ks: list[Kernel]) -> list[dict]:
-  table = collections.defaultdict(lambda: dict(kernels=0, tflop=0.0, gb=0.0, ms=0.0))
+def _totals(ks: list[Kernel], key) -> list[dict]:
+  """Kernels, TFLOP, GB and roofline ms summed per key(kernel) (a dict of fields), largest time first."""
+  table: dict = {}
   for k in ks:
-    row = table[k.category]
+    fields = key(k)
+    row = table.setdefault(tuple(fields.values()), dict(fields, kernels=0, tflop=0.0, gb=0.0, ms=0.0))
     row["kernels"] += 1
     row["tflop"] += k.flops / 1e12
     row["gb"] += k.bytes / 1e9
     row["ms"] += k.ms
-  return sorted(({"category": c, **v} for c, v in table.items()), key=lambda r: -r["ms"])
+  return sorted(table.values(), key=lambda r: -r["ms"])
+
+
+def by_category(ks: list[Kernel]) -> list[dict]:
+  return _totals(ks, lambda k: {"category": k.category})
 
 
 def source_group(op_name: str) -> str:
@@ -229,14 +235,7 @@ def source_group(op_name: str) -> str:
 
 
 def by_source(ks: list[Kernel]) -> list[dict]:
-  table = collections.defaultdict(lambda: dict(kernels=0, tflop=0.0, gb=0.0, ms=0.0))
-  for k in ks:
-    row = table[(k.category, source_group(k.op_name))]
-    row["kernels"] += 1
-    row["tflop"] += k.flops / 1e12
-    row["gb"] += k.bytes / 1e9
-    row["ms"] += k.ms
-  return sorted(({"category": c, "source": s, **v} for (c, s), v in table.items()), key=lambda r: -r["ms"])
+  return _totals(ks, lambda k: {"category": k.category, "source": source_group(k.op_name)})
 
 
 # Device kind (substring of jax's device_kind) -> dense bf16 peak TFLOP/s (as train/loop.py's MFU) and HBM TB/s.
