@@ -57,6 +57,21 @@ def test_padded_path_without_bias_masks_the_padding():
   np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
 
 
+@jax.default_matmul_precision("highest")
+def test_valid_tokens_mask_the_callers_padding_on_both_paths():
+  """attention(..., valid=V) on q, k, v carrying tokens after the first V (padding a caller added, here
+  random): the real rows equal the reference on the unpadded tokens, for the explicit form and the
+  fused path run through jax's XLA implementation."""
+  q, k, v, bias = _inputs(2, 9, 2, 8, jnp.float32)
+  ref = attention_lib._xla_attention(q, k, v, bias)
+  junk = jax.random.normal(jax.random.key(5), (2, 3, 2, 8))
+  qp, kp, vp = (jnp.concatenate([t, junk], axis=1) for t in (q, k, v))
+  out = attention_lib.attention(qp, kp, vp, bias, "xla", valid=9)
+  np.testing.assert_allclose(out[:, :9], ref, atol=2e-6, rtol=1e-5)
+  fused = attention_lib.padded_fused_attention(qp, kp, vp, bias, implementation="xla", valid=9)
+  np.testing.assert_allclose(fused[:, :9], ref, atol=2e-6, rtol=1e-5)
+
+
 def test_resolve_and_errors():
   assert attention_lib.resolve("xla", jnp.bfloat16, 64) == "xla"
   expected_auto = "cudnn" if on_gpu else "xla"
