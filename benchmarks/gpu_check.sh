@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Everything we check on an NVIDIA GPU, in one run (a lent GPU is short-lived): the cuDNN attention tests,
-# then the bf16 ViT-B/16 step benchmarks (MIM with explicit vs cuDNN attention and host input with and
-# without device prefetch; a profile of the MIM step with its kernel table; VQ-KD; fine-tune) and the
+# Everything we check on an NVIDIA GPU, in one run (a lent GPU is short-lived): the bf16 ViT-B/16 step
+# benchmarks (MIM with explicit vs cuDNN attention, optionally host input with and without device prefetch;
+# a profile of the MIM step with its kernel table and each source op against its roofline bound; VQ-KD;
+# fine-tune), the PyTorch peer of the MIM step (timm blocks, bf16 autocast, SDPA, fused AdamW; eager and
+# torch.compile) on the same GPU, the MIM step under other XLA flags, the cuDNN attention tests, and the
 # largest MIM batch with and without remat.
 # Each stage has its own time limit and appends JSON rows to $OUT/bench.jsonl as it measures them.
 #
@@ -19,7 +21,7 @@ export JAX_PLATFORMS=cuda
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
 export JAX_COMPILATION_CACHE_DIR=/tmp/beitv2_jax_cache  # the max-batch stage recompiles shapes seen before
 PY=${PY:-python3}
-STAGES=${STAGES:-"attention_tests pretrain profile tokenizer_finetune max_batch"}  # a rerun can pick some
+STAGES=${STAGES:-"pretrain profile torch_peer tokenizer_finetune xla_flags attention_tests max_batch"}  # or some
 
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -34,7 +36,6 @@ stage() {  # name, seconds, command...
   $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/env.txt"
 
-stage attention_tests "${T_TESTS:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py
 stage pretrain "${T_PRETRAIN:-170}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --batch="${PRE_BATCH:-256}" \
   --steps=10 --attention="${PRE_ATTN:-xla,cudnn}" ${PRE_FLAGS:---host-input} --json "$OUT/bench.jsonl"
 # the kernel table and each source op's measured time against its roofline bound land in $OUT/profile.log;
@@ -42,8 +43,22 @@ stage pretrain "${T_PRETRAIN:-170}" $PY benchmarks/train_step.py --size=base --t
 stage profile "${T_PROFILE:-90}" env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
   $PY benchmarks/train_step.py --size=base --tasks=pretrain --batch=256 --steps=3 --attention=cudnn \
   --profile=/tmp/beitv2_jax_trace
+# the PyTorch peer a user would pick instead (benchmarks/torch_mim.py), same step, same GPU, same batch
+stage torch_peer "${T_TORCH:-150}" $PY benchmarks/torch_mim.py --size=base --batch="${PRE_BATCH:-256}" --steps=10 \
+  --compile="${TORCH_COMPILE:-0,1}" --json "$OUT/bench.jsonl"
 stage tokenizer_finetune "${T_TOKFT:-120}" $PY benchmarks/train_step.py --size=base --tasks="${TOKFT_TASKS:-tokenizer,finetune}" \
   --attention="${TOKFT_ATTN:-auto}" --batch=256 --steps=10 --json "$OUT/bench.jsonl"
+# the MIM step under XLA flag sets (each its own process; ';'-separated), the row records the flags
+xla_flag_sets() {
+  local IFS=';'
+  for flags in ${FLAG_SETS:---xla_gpu_enable_triton_gemm=false;--xla_gpu_enable_cublaslt=true}; do
+    XLA_FLAGS="${XLA_FLAGS:-} $flags" $PY benchmarks/train_step.py --size=base --tasks=pretrain \
+      --batch="${PRE_BATCH:-256}" --steps=10 --attention=cudnn --json "$OUT/bench.jsonl"
+  done
+}
+export -f xla_flag_sets; export PY OUT
+stage xla_flags "${T_FLAGS:-100}" bash -c xla_flag_sets
+stage attention_tests "${T_TESTS:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py
 stage max_batch "${T_MAXB:-110}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --max-batch \
   --remat="${MAXB_REMAT:-none,full}" --json "$OUT/bench.jsonl"
 echo "== done ($(date +%T))"

@@ -159,7 +159,8 @@ def bench(task: str, size: str, dtype: str, batch: int, steps: int, remat: str =
              gflops_per_img=t.flops_per_example / 1e9,
              xla_gflops_per_img=xla_flops / batch / 1e9 if xla_flops else None, model_tflops=tflops,
              mfu=(tflops * 1e12 / (peak * jax.device_count())) if peak else None,
-             peak_mem_gb=mem / 2 ** 30 if mem else None, compile_s=compile_s, loss=float(metrics["loss"]))
+             peak_mem_gb=mem / 2 ** 30 if mem else None, compile_s=compile_s, loss=float(metrics["loss"]),
+             xla_flags=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f))
   if host_input:
     # a fresh host batch every step: put synchronously before each step, then through DevicePrefetch
     row["host_put_step_ms"] = 1000 * timed(lambda: parallel.to_global(host_batch, mesh))[0]

@@ -121,3 +121,57 @@ def test_roofline_of_the_tiny_finetune_step_matches_the_model_flop_count():
   per_image = sum(k.flops for k in ks) / (8 / built.mesh.devices.size)  # the module is one device's share
   assert per_image == pytest.approx(built.task.flops_per_example, rel=0.1)
   assert {r["category"] for r in hlo_roofline.by_category(ks)} >= {"matmul", "elementwise fusion"}
+
+
+# --- the PyTorch peer of the MIM step (benchmarks/torch_mim.py) ------------------------------------------
+def test_torch_mim_peer_computes_our_loss_and_gradients_on_the_same_weights(tmp_path):
+  """Our tiny MIM task's weights (student and tokenizer) exported to the official key layout load into the
+  PyTorch peer unchanged, and on the same batch it gives the same labels, the same loss (fp32, 1e-5
+  relative) and the same gradient for every parameter (1e-4 relative): the peer times the same step."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  import torch_mim
+  import train_step
+  from beitv2_jax import convert, parallel
+  from beitv2_jax.train.pretrain import PretrainTask
+
+  config = train_step.make_config("pretrain", "tiny", "float32", 8, "none", False, "xla")
+  task = PretrainTask(config, str(tmp_path), parallel.make_mesh())
+  params = task.init_state(jax.random.key(3)).params
+  batch = train_step.synthetic_batch(task, "pretrain", 8)
+
+  def our_loss(p):
+    ce1, ce2, _, _, labels = task.losses(p, jax.tree.map(jnp.asarray, batch), task.frozen, False)
+    return ce1.mean() + ce2.mean(), labels
+  (loss, labels), grads = jax.value_and_grad(our_loss, has_aux=True)(params)
+
+  m = config.model
+  student = torch_mim.BEiTForMIM(m.img_size, m.patch_size, m.embed_dim, m.depth, m.num_heads, vocab=8192,
+                                 early_layers=m.early_layers, head_layers=m.head_layers).eval()
+  tokenizer = torch_mim.VQKDEncoder(m.img_size, m.patch_size, m.embed_dim, m.depth, m.num_heads).eval()
+  to_torch = lambda sd: {k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()}
+  for module, sd in ((student, convert.to_state_dict(params, strip="backbone")),
+                     (tokenizer, {k: v for k, v in convert.to_state_dict(task.tokenizer.params).items()
+                                  if k.startswith(("encoder.", "encode_task_layer."))})):
+    sd = to_torch(sd)
+    if module is tokenizer:
+      sd["codebook"] = torch.from_numpy(np.asarray(task.tokenizer.codebook, np.float32).copy())
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    assert not unexpected, unexpected
+    assert all(k.endswith(("relative_position_index", "k_bias")) for k in missing), missing
+
+  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+  tb = {"image": nchw(batch["image"]), "tokenizer_image": nchw(batch["tokenizer_image"]),
+        "mask": torch.from_numpy(batch["mask"])}
+  t_loss, _, _, t_labels = torch_mim.losses(student, tokenizer, tb, task.num_masked)
+  assert np.array_equal(t_labels.numpy(), np.asarray(labels))
+  assert t_loss.item() == pytest.approx(float(loss), rel=1e-5)
+  t_loss.backward()
+  ours = convert.to_state_dict(jax.device_get(grads), strip="backbone")
+  theirs = {k: p.grad.numpy() for k, p in student.named_parameters()}
+  assert sorted(ours) == sorted(theirs)
+  for k, g in ours.items():
+    err = np.linalg.norm(theirs[k] - g) / max(np.linalg.norm(g), 1e-12)
+    assert err < 1e-4, (k, err)
