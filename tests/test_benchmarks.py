@@ -175,3 +175,15 @@ def test_torch_mim_peer_computes_our_loss_and_gradients_on_the_same_weights(tmp_
   for k, g in ours.items():
     err = np.linalg.norm(theirs[k] - g) / max(np.linalg.norm(g), 1e-12)
     assert err < 1e-4, (k, err)
+
+
+def test_profile_kernel_kinds_name_the_kernels_an_h200_ran():
+  """Kernel names from a trace of the MIM step on an H200 (2026-11-27) land in the right bucket."""
+  import train_step
+  seen = {"nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT": "matmul",
+          "sm80_xmma_fprop_implicit_gemm_indexed_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "matmul",
+          "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64": "attention",
+          "void cudnn::fusion::fmha_dbias<true>(void const*, void*, void const*)": "attention",
+          "void cudnn::fusion::matmul_dq<true, 64>(void const*, void const*, void*)": "attention",
+          "loop_add_convert_fusion_13": "other", "Memset 3": "other"}
+  assert {name: train_step.kernel_kind(name) for name in seen} == seen
