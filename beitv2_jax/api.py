@@ -14,6 +14,22 @@
 fine-tuned), or a timm `beitv2_*` .pth / .safetensors. The architecture is read from the keys and shapes
 (head dim 64 unless `num_heads=` is given); `overrides` change VisionTransformer fields (e.g. `dtype`,
 `drop_path_rate`, `scan`) or force `kind="classifier"` (with `num_classes=`) on a MIM checkpoint.
+Loading a file never runs code from it (see convert.read_state_dict); .safetensors is preferred.
+
+Inputs that would give silently wrong answers are refused with a one-line ValueError naming the argument,
+what was expected and what was received (S = the model's img_size, g = S / patch_size, N = g * g):
+  images   (m(images), classifier / mim features): float (B, S, S, 3) NHWC, ImageNet-normalised
+           ((x/255 - mean)/std, about -2.2..2.7): integer dtypes and |values| > 20 ([0, 255] pixels) refused.
+  images01 (encode, tokenizer features): float (B, S, S, 3) in [0, 1]: integer dtypes and values outside
+           [-0.01, 1.01] refused; values within that margin are clipped to [0, 1], because the tokenizer's
+           own preprocess (models/vqkd.py, the official pre_process) scales a batch by 255 only when its max
+           is <= 1 and reads any other batch as [0, 255] pixels.
+  ids      (decode): integers of shape (B, N) in [0, codebook_size) (the gather would clamp the others).
+  mask     (mim): bool or 0/1 of shape (B, N) or (B, g, g), B the images' batch; the same number of masked
+           patches in every image.
+Shapes and dtypes are checked always, values only on numpy or concrete jax arrays: inside jax.jit the
+inputs are tracers and their values pass unchecked (a mim mask must be concrete: its count of masked
+patches sets the output shape).
 """
 from __future__ import annotations
 
@@ -47,26 +63,28 @@ class Model:
 
   # ---- classifier / mim -------------------------------------------------------------------------
   def __call__(self, images, mask=None):
-    images = jnp.asarray(images, jnp.float32)
+    if self.kind == "tokenizer":
+      raise TypeError("a tokenizer is called with m.encode(images01) / m.decode(ids)")
+    images = jnp.asarray(check_normalised_images(images, self.img_size), jnp.float32)
     if self.kind == "classifier":
       return _jit_apply(self.module)(self.params, images)["logits"]
-    if self.kind == "mim":
-      if mask is None:
-        raise ValueError("a mim model needs a mask: m(images, mask) with mask bool (B, N)")
-      mask = np.asarray(mask, bool)
-      counts = mask.reshape(mask.shape[0], -1).sum(1)
-      if len(set(counts.tolist())) != 1:
-        raise ValueError(f"every image needs the same number of masked patches, got {sorted(set(counts))}")
-      return _jit_mim(self.module, int(counts[0]))(self.params, images, jnp.asarray(mask.reshape(len(mask), -1)))
-    raise TypeError("a tokenizer is called with m.encode(images01) / m.decode(ids)")
+    if mask is None:
+      raise ValueError("a mim model needs a mask: m(images, mask) with mask bool (B, N)")
+    mask = check_mask(mask, images.shape[0], self.grid)
+    counts = mask.sum(1)
+    if len(set(counts.tolist())) != 1:
+      raise ValueError(f"every image needs the same number of masked patches, got {sorted(set(counts))}")
+    return _jit_mim(self.module, int(counts[0]))(self.params, images, jnp.asarray(mask))
 
   # ---- tokenizer --------------------------------------------------------------------------------
   def encode(self, images01):
     self._need("tokenizer")
+    images01 = check_unit_images(images01, self.img_size)
     return _jit_encode(self.module)(self.params, self.codebook, jnp.asarray(images01, jnp.float32))
 
   def decode(self, ids):
     self._need("tokenizer")
+    ids = check_ids(ids, self.grid, len(self.codebook))
     return _jit_decode(self.module)(self.params, self.codebook, jnp.asarray(ids, jnp.int32))
 
   def features(self, images, layer: int = -1, pool: str = "cls"):
@@ -74,11 +92,138 @@ class Model:
     aggregation trains), or the mean of the patch tokens (pool='mean'), at `layer` (-1: last block;
     k: the output of block k, 1-based, still through the final norm). Tokenizer: its encoder, images in
     [0, 1] (the tokenizer's own convention); other kinds take ImageNet-normalised images."""
+    if self.kind == "tokenizer":
+      images = check_unit_images(images, self.img_size)
+    else:
+      images = check_normalised_images(images, self.img_size)
     return encoder_features(self, jnp.asarray(images, jnp.float32), layer, pool)
+
+  @property
+  def img_size(self) -> int:
+    """The image side the encoder takes (its position tables are fixed to it)."""
+    return self._encoder_config()["img_size"]
+
+  @property
+  def grid(self) -> int:
+    """Patches per image side: N = grid * grid tokens / code ids / mask entries."""
+    enc = self._encoder_config()
+    return enc["img_size"] // enc["patch_size"]
+
+  def _encoder_config(self) -> dict:
+    if self.kind == "tokenizer":
+      return self.module.encoder
+    if self.kind == "mim":
+      return self.module.backbone
+    return {"img_size": self.module.img_size, "patch_size": self.module.patch_size}
 
   def _need(self, kind):
     if self.kind != kind:
       raise TypeError(f"this is a {self.kind} model, not a {kind}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks (module docstring): cheap, on the host; values only where the input is concrete
+# ------------------------------------------------------------------------------------------------
+NORMALISED_LIMIT = 20.0  # ImageNet-normalised pixels stay within about +-2.7; [0, 255] pixels go far past 20
+UNIT_MARGIN = 0.01       # [0, 1] images may overshoot by rounding or resampling; more is another convention
+NORMALISE_HINT = "convert uint8 pixels x with (x/255 - mean)/std (ImageNet mean/std)"
+
+
+def _as_array(x):
+  """numpy / jax arrays (and tracers) as they are; lists and scalars as numpy."""
+  return x if hasattr(x, "shape") and hasattr(x, "dtype") else np.asarray(x)
+
+
+def _value_range(x) -> Optional[tuple[float, float]]:
+  """(min, max) of a concrete array, None for a tracer (under jit) or an empty array."""
+  if isinstance(x, jax.core.Tracer) or x.size == 0:
+    return None
+  if isinstance(x, np.ndarray):
+    return float(x.min()), float(x.max())
+  lo, hi = jax.device_get((jnp.min(x), jnp.max(x)))  # reduced where the array lives: two scalars come back
+  return float(lo), float(hi)
+
+
+def _check_image_shape(x, arg: str, size: int, what: str) -> None:
+  shape = tuple(x.shape)
+  if len(shape) == 4 and shape[1:] == (size, size, 3):
+    return
+  hint = ""
+  if len(shape) == 4 and shape[1] == 3 and shape[2:] == (size, size):
+    hint = " (NCHW? transpose with x.transpose(0, 2, 3, 1))"
+  elif shape == (size, size, 3):
+    hint = " (one image? add the batch axis with x[None])"
+  raise ValueError(f"{arg} must be {what} NHWC of shape (B, {size}, {size}, 3) (this model's img_size is {size}), "
+                   f"got shape {shape}{hint}")
+
+
+def _is_float(x) -> bool:
+  return jnp.issubdtype(x.dtype, jnp.floating)  # jnp: numpy does not count bfloat16 as floating
+
+
+def check_normalised_images(images, size: int):
+  """m(images) / classifier and mim features: float (B, size, size, 3), ImageNet-normalised."""
+  x = _as_array(images)
+  if not _is_float(x):
+    raise ValueError(f"images must be ImageNet-normalised floats, got dtype {x.dtype}: {NORMALISE_HINT}")
+  _check_image_shape(x, "images", size, "float ImageNet-normalised")
+  r = _value_range(x)
+  if r is not None and max(abs(r[0]), abs(r[1])) > NORMALISED_LIMIT:
+    raise ValueError(f"images must be ImageNet-normalised (values within about +-2.7), got values in "
+                     f"[{r[0]:g}, {r[1]:g}], which look like [0, 255] pixels: {NORMALISE_HINT}")
+  return x
+
+
+def check_unit_images(images01, size: int):
+  """encode / tokenizer features: float (B, size, size, 3) in [0, 1]; a rounding overshoot is clipped,
+  since the tokenizer's preprocess reads a batch whose max exceeds 1 as [0, 255] pixels."""
+  x = _as_array(images01)
+  if not _is_float(x):
+    raise ValueError(f"images01 must be floats in [0, 1], got dtype {x.dtype}: divide uint8 pixels by 255")
+  _check_image_shape(x, "images01", size, "float [0, 1]")
+  r = _value_range(x)
+  if r is None:
+    return x
+  if r[0] < -UNIT_MARGIN or r[1] > 1.0 + UNIT_MARGIN:
+    raise ValueError(f"images01 must be floats in [0, 1], got values in [{r[0]:g}, {r[1]:g}]"
+                     + (": divide [0, 255] pixels by 255" if r[1] > 1.0 + UNIT_MARGIN else ""))
+  if r[0] < 0.0 or r[1] > 1.0:
+    x = np.clip(x, 0.0, 1.0) if isinstance(x, np.ndarray) else jnp.clip(x, 0.0, 1.0)
+  return x
+
+
+def check_ids(ids, grid: int, codebook_size: int):
+  """decode: integer code ids (B, grid * grid) in [0, codebook_size); a gather would clamp the others."""
+  x = _as_array(ids)
+  n = grid * grid
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"ids must be integer code ids in [0, {codebook_size}), got dtype {x.dtype}")
+  if x.ndim != 2 or x.shape[1] != n:
+    raise ValueError(f"ids must have shape (B, {n}) (a {grid}x{grid} grid, row-major), got shape {tuple(x.shape)}")
+  r = _value_range(x)
+  if r is not None and (r[0] < 0 or r[1] >= codebook_size):
+    raise ValueError(f"ids must lie in [0, {codebook_size}) (the codebook size), got values in "
+                     f"[{r[0]:.0f}, {r[1]:.0f}]")
+  return x
+
+
+def check_mask(mask, batch: int, grid: int) -> np.ndarray:
+  """mim: bool or 0/1, (batch, N) or (batch, grid, grid) -> bool (batch, N) on the host (the masked count
+  sets the output shape, so the mask must be concrete)."""
+  if isinstance(mask, jax.core.Tracer):
+    raise ValueError("mask must be a concrete (numpy or jax) array, not traced: the number of masked patches "
+                     "sets the output shape")
+  m = np.asarray(mask)
+  n = grid * grid
+  if m.shape not in ((batch, n), (batch, grid, grid)):
+    raise ValueError(f"mask must have shape ({batch}, {n}) or ({batch}, {grid}, {grid}) (one row per image, "
+                     f"{grid}x{grid} patches), got shape {m.shape}")
+  if m.dtype != bool:
+    numeric = np.issubdtype(m.dtype, np.integer) or np.issubdtype(m.dtype, np.floating)
+    if not numeric or not np.isin(m, (0, 1)).all():
+      shown = np.unique(m)[:5].tolist() if numeric else []
+      raise ValueError(f"mask must be bool or 0/1, got dtype {m.dtype}" + (f" with values {shown}" if shown else ""))
+  return m.astype(bool).reshape(batch, n)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,6 +359,8 @@ def _load_ours(path: str, kind, dtype, overrides) -> Model:
   if "kind" not in info:
     raise ValueError(f"{run_dir}/config.json names no model kind: not a model checkpoint")
   stored_kind, model_cfg = info["kind"], dict(info["model"])
+  if stored_kind not in KINDS:
+    raise ValueError(f"{run_dir}/config.json names model kind {stored_kind!r}: expected one of {KINDS}")
   _, state = checkpoint.restore_state_tree(ckpt_dir, step)
   params = state["params"]
   codebook = None

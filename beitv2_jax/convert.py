@@ -4,15 +4,21 @@ Our parameter paths mirror the official keys, so one rule maps both ways:
   `blocks_3/attn/qkv/kernel` <-> `blocks.3.attn.qkv.weight` (transposed), `norm1/scale` <-> `norm1.weight`,
   `patch_embed_proj/kernel` (kh, kw, in, out) <-> `patch_embed.proj.weight` (out, in, kh, kw).
 Scanned models keep blocks stacked under `blocks/block`; they are unstacked before conversion.
+Reading a file never runs code from it (read_state_dict: torch weights-only with argparse.Namespace allowed,
+.npz without pickles); .safetensors is the preferred format.
 
 CLI:
   python -m beitv2_jax.convert --src beitv2_base_patch16_224.pth --dst ckpt_dir      # -> our checkpoint
   python -m beitv2_jax.convert --src WORKDIR --dst model.safetensors --format timm   # -> timm / official
+A bad file, path or option ends in one `error: ...` line (exit 1; 2 for a bad option).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import sys
+import zipfile
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -28,32 +34,115 @@ class CheckpointMismatchError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # Reading state dicts
 # ------------------------------------------------------------------------------------------------
+# What official BEiT v2 / timm .pth files hold beyond tensors, containers and numbers: the training scripts
+# save {'model', 'optimizer', 'epoch', 'scaler', 'args'} with `args` an argparse.Namespace. Anything else
+# in a pickle is code the file could run on load, so it is refused.
+TORCH_SAFE_GLOBALS = (argparse.Namespace,)
+SAFETENSORS_PREFERRED = "safetensors files hold only tensors and are preferred"
+
+
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a .pth / .pt / .bin (torch), .safetensors or .npz file into {key: float32/int ndarray}.
 
   Official checkpoints nest the weights under 'model' (or 'module' for DeepSpeed fine-tunes, or
-  'state_dict'); those wrappers are removed.
+  'state_dict'); those wrappers are removed. Loading never runs code: torch files are read with
+  weights_only=True (plus TORCH_SAFE_GLOBALS), .npz without pickles. A file that is not a checkpoint, or
+  needs a Python global beyond those, raises one ValueError naming the file and the problem.
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint file not found: {path}")
+  if not os.path.isfile(path):
+    raise ValueError(f"{path} is not a file: expected a .pth / .pt / .bin, .safetensors or .npz checkpoint")
+  if os.path.getsize(path) == 0:
+    raise ValueError(f"{path} is empty (0 bytes): not a checkpoint")
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    sd = load_file(path)
+    sd = _read_safetensors(path)
   elif path.endswith(".npz"):
-    sd = dict(np.load(path))
+    sd = _read_npz(path)
   else:
-    try:
-      import torch
-    except ImportError as e:
-      raise ImportError(f"reading {path} needs PyTorch (pip install torch); .safetensors files do not") from e
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("model", "module", "state_dict"):
-      if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-        obj = obj[key]
-        break
-    sd = {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-          for k, v in obj.items() if hasattr(v, "numpy")}
+    sd = _read_torch(path)
+  if not sd:
+    raise ValueError(f"{path} holds no tensors: not a state dict")
   return {k: np.asarray(v) for k, v in sd.items()}
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  try:
+    return load_file(path)
+  except (SafetensorError, ValueError, TypeError, OSError) as e:
+    raise ValueError(f"{path} is not a valid .safetensors file: {_one_line(e)}") from None
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  # numpy reports a non-zip file as "contains pickled data", which misleads: check the zip header first.
+  if not zipfile.is_zipfile(path):
+    raise ValueError(f"{path} is not a .npz archive (no zip header)")
+  try:
+    with np.load(path, allow_pickle=False) as archive:  # object arrays would unpickle: refused
+      return {k: archive[k] for k in archive.files}
+  except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path} is not a valid .npz of arrays: {_one_line(e)}") from None
+
+
+def _read_torch(path: str) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(f"reading {path} needs PyTorch (pip install torch); .safetensors files do not") from e
+  obj = _torch_load_weights_only(torch, path)
+  for key in ("model", "module", "state_dict"):
+    if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+      obj = obj[key]
+      break
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict (a dict of tensors)")
+  return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+          for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _torch_load_weights_only(torch, path: str) -> Any:
+  import pickle
+  try:
+    with torch.serialization.safe_globals(list(TORCH_SAFE_GLOBALS)):  # scoped: no global registration
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    name = _disallowed_global(str(e))
+    if name:
+      raise ValueError(f"refusing to load {path}: it needs the Python global {name}, and unpickling globals "
+                       f"could run code (allowed beyond tensors: "
+                       f"{', '.join(_qualname(g) for g in TORCH_SAFE_GLOBALS)}); {SAFETENSORS_PREFERRED}") from None
+    raise ValueError(f"{path} is not a valid PyTorch checkpoint: {_unpickling_reason(str(e))}; "
+                     f"{SAFETENSORS_PREFERRED}") from None
+  except Exception as e:  # a corrupt or foreign file surfaces as EOFError, KeyError, RuntimeError, ...
+    detail = " ".join(str(e).split())
+    raise ValueError(f"{path} is not a valid PyTorch checkpoint "
+                     f"({type(e).__name__}{': ' + detail if detail else ''})") from None
+
+
+def _disallowed_global(message: str) -> str:
+  """The global torch's weights-only unpickler refused ('GLOBAL posix.system ...'), or ''."""
+  m = re.search(r"GLOBAL ([\w.]+)", message)
+  return m.group(1) if m else ""
+
+
+def _unpickling_reason(message: str) -> str:
+  """torch's weights-only message without its advice to re-run with weights_only=False (unsafe)."""
+  m = re.search(r"WeightsUnpickler error: ([^\n]+)", message)
+  return m.group(1).strip() if m else " ".join(message.split())[:300]
+
+
+def _qualname(obj) -> str:
+  return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _one_line(e: BaseException) -> str:
+  """An exception's text on one line (torch's messages span paragraphs; KeyError quotes itself)."""
+  text = str(e).strip()
+  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    text = text[1:-1]
+  return " ".join(text.split()) or type(e).__name__
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,21 +405,59 @@ def infer_vit_config(sd: Mapping[str, np.ndarray], prefix: str = "", head_dim: i
   return cfg
 
 
+# Errors a user's input causes (a bad file, path or option): one line and exit 1, as beitv2_jax.main.
+USER_ERRORS = (ValueError, OSError, KeyError, TypeError, ImportError)
+FILE_FORMATS = (".safetensors", ".pth", ".pt", ".bin")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+  """argparse, but a bad option is one `error: ...` line (exit 2) instead of usage + error."""
+
+  def error(self, message):
+    self.exit(2, f"error: {message} (see --help)\n")
+
+
+def check_dst(dst: str, fmt: str) -> None:
+  """Refuses a --dst that cannot hold --format's output before the (slow) load."""
+  if fmt == "timm" and not dst.endswith(FILE_FORMATS):
+    raise ValueError(f"--dst {dst}: --format timm writes a file ending in {' / '.join(FILE_FORMATS)}")
+  if fmt == "ours" and (dst.endswith(FILE_FORMATS + (".npz",)) or os.path.isfile(dst)):
+    raise ValueError(f"--dst {dst}: --format ours writes a directory (config.json + checkpoints/); "
+                     f"use --format timm for a {' / '.join(FILE_FORMATS)} file")
+
+
 def main(argv=None):
-  import argparse
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--src", required=True, help="official/timm file, or our workdir / checkpoint dir")
   ap.add_argument("--dst", required=True, help=".safetensors / .pth (for --format timm) or a directory")
   ap.add_argument("--format", choices=("ours", "timm"), default="ours",
                   help="ours: write a checkpoint beitv2_jax.load reads; timm: the official/timm key layout")
   args = ap.parse_args(argv)
   from beitv2_jax import api
-  model = api.load(args.src)
-  if args.format == "timm":
-    api.export_state_dict(model, args.dst)
-  else:
-    api.save_model(model, args.dst)
+  try:
+    check_dst(args.dst, args.format)
+  except ValueError as e:
+    _exit_with(e)
+  try:
+    model = api.load(args.src)
+  except USER_ERRORS as e:
+    _exit_with(e, args.src)
+  try:
+    if args.format == "timm":
+      api.export_state_dict(model, args.dst)
+    else:
+      api.save_model(model, args.dst)
+  except USER_ERRORS as e:
+    _exit_with(e, args.dst)
   print(f"wrote {args.dst} ({model.kind})")
+
+
+def _exit_with(e: BaseException, path: str = ""):
+  """`error: Type: message` on one line (exit 1); `path` is prefixed when the message does not name it."""
+  text = _one_line(e)
+  if path and path not in text:
+    text = f"{path}: {text}"
+  sys.exit(f"error: {type(e).__name__}: {text}")
 
 
 if __name__ == "__main__":
