@@ -54,3 +54,78 @@ def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
            attention="auto")
   m.update(kw)
   return ml_collections.ConfigDict(m)
+
+
+def recipe_args(arg: str, allowed: dict, recipe: str) -> dict:
+  """A recipe's `--config=configs/x.py:k=v,k2=v2` argument as a dict over `allowed` (name -> default),
+  each value cast to its default's type. Unknown names and malformed parts are refused, never ignored."""
+  out = dict(allowed)
+  for part in (p for p in arg.split(",") if p):
+    name, eq, value = part.partition("=")
+    if not eq or name not in allowed:
+      expected = ", ".join(f"{k}=..." for k in allowed) or "none"
+      raise ValueError(f"{recipe}: unknown recipe argument {part!r} (arguments it takes: {expected})")
+    try:
+      out[name] = type(allowed[name])(value)
+    except ValueError:
+      raise ValueError(f"{recipe}: recipe argument {name}={value!r} is not a {type(allowed[name]).__name__}") from None
+  return out
+
+
+def recipe_choice(arg: str, choices: tuple, recipe: str, default: str = "") -> str:
+  """A recipe argument that names one variant (`configs/finetune_base.py:pt300`); anything else is refused."""
+  arg = arg or default
+  if arg not in choices:
+    raise ValueError(f"{recipe}: unknown recipe argument {arg!r}: expected one of {list(c for c in choices if c)}")
+  return arg
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """The settings every task shares, and the model fields that would otherwise fail only after a compile
+  (or silently): ValueError naming the field and its value. The loop adds the mesh-dependent checks."""
+  def need(ok: bool, field: str, what: str):
+    if not ok:
+      raise ValueError(f"{field}={_get(c, field)!r}: {what}")
+
+  for field in ("seed", "batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps"):
+    if field not in c:
+      raise ValueError(f"config has no field '{field}' (every task config needs it)")
+  if c.task not in TASKS:
+    raise ValueError(f"unknown task {c.task!r}: expected one of {list(TASKS)}")
+  need(c.batch_size > 0, "batch_size", "must be positive")
+  need(c.total_steps >= 0, "total_steps", "must be >= 0 (0: train for `epochs` epochs)")
+  if c.total_steps == 0 and "epochs" in c:
+    need(c.epochs > 0, "epochs", "must be positive when total_steps is 0")
+  for field in ("log_every_steps", "checkpoint_every_steps"):
+    need(c[field] > 0, field, "must be positive")
+  need(c.get("keep_checkpoints", 1) >= 1, "keep_checkpoints", "must be >= 1: the last N checkpoints are kept, "
+       "and 0 would delete each one as it is written")
+  for field in ("keep_every_steps", "stop_after_steps", "eval_every_steps", "warmup_epochs"):
+    if field in c:
+      need(c[field] >= 0, field, "must be >= 0")
+  if "warmup_steps" in c:
+    need(c.warmup_steps >= -1, "warmup_steps", "must be >= 0 (or -1: use warmup_epochs)")
+  m = c.get("model")
+  if m is None:
+    return
+  if "img_size" in m and "patch_size" in m:
+    need(m.patch_size > 0 and m.img_size % m.patch_size == 0, "model.img_size",
+         f"not divisible by model.patch_size={m.patch_size}")
+  for field in ("embed_dim", "depth", "num_heads", "codebook_size", "codebook_dim", "decoder_depth",
+                "decoder_embed_dim", "decoder_num_heads"):
+    if field in m:
+      need(m[field] >= 1, f"model.{field}", "must be >= 1")
+  if "embed_dim" in m and "num_heads" in m:
+    need(m.embed_dim % m.num_heads == 0, "model.embed_dim", f"not divisible by model.num_heads={m.num_heads}")
+  if "mask_ratio" in m:
+    n = (m.img_size // m.patch_size) ** 2
+    need(0 < m.mask_ratio < 1, "model.mask_ratio", "must be in (0, 1)")
+    need(round(m.mask_ratio * n) >= 1, "model.mask_ratio", f"masks no patch of the {n}")
+  if "early_layers" in m:
+    need(1 <= m.early_layers <= m.depth, "model.early_layers", f"must be in [1, model.depth={m.depth}]")
+
+
+def _get(c, dotted: str):
+  for k in dotted.split("."):
+    c = c[k]
+  return c

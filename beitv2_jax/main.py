@@ -2,6 +2,8 @@
 
 Dispatches on config.task: tokenizer | pretrain | finetune | linprobe | knn | demo. The same --workdir
 resumes a run from its last checkpoint with no other flag.
+Exit status: 0 when the run finished (or was preempted and saved), 1 when it failed (one line naming the
+file, field or value), 2 for bad flags or a bad config file.
 """
 from __future__ import annotations
 
@@ -30,14 +32,8 @@ def get_task_class(name: str):
 def run(config, workdir: str):
   """Runs one config in-process (used by main and by the tests). Returns the task's result dict."""
   from beitv2_jax import parallel
-  from beitv2_jax.config_defaults import TASKS
-  if config.task not in TASKS:
-    raise ValueError(f"unknown task {config.task!r}: expected one of {list(TASKS)}")
-  for field in ("seed", "batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps"):
-    if field not in config:
-      raise ValueError(f"config has no field '{field}' (every task config needs it)")
-  if config.batch_size <= 0 or config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
-    raise ValueError("batch_size, log_every_steps and checkpoint_every_steps must be positive")
+  from beitv2_jax.config_defaults import validate
+  validate(config)  # before any task is built: a bad value never costs a compile or touches the workdir
   d = config.distributed
   parallel.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
   if config.task == "demo":
@@ -48,6 +44,7 @@ def run(config, workdir: str):
     return knn.run(config, workdir)
   from beitv2_jax.train import loop
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  loop.validate(config, mesh)  # the batch against the mesh, before the task builds anything
   task = get_task_class(config.task)(config, workdir, mesh)
   state, metrics = loop.run(task)
   return metrics
@@ -69,9 +66,10 @@ def main(argv):
   except USER_ERRORS as e:
     sys.exit(f"error: {type(e).__name__}: {_one_line(e)}")
   except Exception as e:  # NonFiniteError and friends: one clear line, then non-zero exit
+    from beitv2_jax.checkpoint import NoRestorableCheckpointError, WorkdirLockedError
     from beitv2_jax.train.loop import NonFiniteError
-    if isinstance(e, NonFiniteError):
-      sys.exit(f"error: {e}")
+    if isinstance(e, (NonFiniteError, NoRestorableCheckpointError, WorkdirLockedError)):
+      sys.exit(f"error: {_one_line(e)}")
     raise
 
 
@@ -83,13 +81,22 @@ def _one_line(e: BaseException) -> str:
 
 
 def parse_flags(argv):
-  """absl flag parsing, but a bad config file, unknown field or mistyped value is one line, exit 2."""
+  """absl flag parsing, but a bad config file, unknown field or mistyped value is one line, exit 2 (a
+  usage error; errors of the run itself exit 1)."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"error: {_one_line(e)}")
+    text = str(e).strip()
+    if "Traceback (most recent call last)" in text:  # ml_collections quotes the recipe's whole traceback
+      text = f"bad --config: {text.splitlines()[-1].strip()}"
+    _usage_error(f"error: {_one_line(text)}")
   except (AttributeError, KeyError, TypeError, ValueError, OSError, ImportError, SyntaxError) as e:
-    sys.exit(f"error: bad --config: {type(e).__name__}: {_one_line(e)}")
+    _usage_error(f"error: bad --config: {type(e).__name__}: {_one_line(e)}")
+
+
+def _usage_error(line: str):
+  print(line, file=sys.stderr, flush=True)
+  sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ import linprobe_tiny  # noqa: E402
 import pretrain_tiny  # noqa: E402
 import tokenizer_tiny  # noqa: E402
 
-from beitv2_jax.config_defaults import base  # noqa: E402
+from beitv2_jax.config_defaults import base, recipe_choice  # noqa: E402
 
 
 def get_config(arg: str = ""):
-  quick = arg == "quick"
+  quick = recipe_choice(arg, ("", "quick"), "configs/demo.py") == "quick"
   c = base("demo")
   c.batch_size = 64
 

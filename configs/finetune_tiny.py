@@ -7,10 +7,11 @@ Run:  python -m beitv2_jax.main --config=configs/finetune_tiny.py --workdir=work
 pretrained 1500 steps on MNIST-5k). Expected: the pretrained init beats the same model from scratch at equal
 steps (200 steps, batch 32, light augmentation: 0.318 vs 0.239 top-1; benchmarks/RESULTS.md).
 """
-from beitv2_jax.config_defaults import base, vit_model
+from beitv2_jax.config_defaults import base, recipe_args, vit_model
 
 
 def get_config(arg: str = ""):
+  recipe_args(arg, {}, "configs/finetune_tiny.py")  # takes none: a typo is refused, not ignored
   c = base("finetune")
   c.data.name = "mnist5k"
   c.batch_size = 64

@@ -3,10 +3,11 @@
 Run:  python -m beitv2_jax.main --config=configs/knn_tiny.py --workdir=workdirs/knn --config.init_from=workdirs/pt_tiny
 `init_from` empty evaluates the same architecture at random init (the baseline).
 """
-from beitv2_jax.config_defaults import base, vit_model
+from beitv2_jax.config_defaults import base, recipe_args, vit_model
 
 
 def get_config(arg: str = ""):
+  recipe_args(arg, {}, "configs/knn_tiny.py")  # takes none: a typo is refused, not ignored
   c = base("knn")
   c.data.name = "mnist5k"
   c.batch_size = 256

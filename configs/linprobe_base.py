@@ -9,10 +9,11 @@ cosine, RandomResizedCrop + flip; eval Resize(256) + CenterCrop(224). Options: `
 Run:  python -m beitv2_jax.main --config=configs/linprobe_base.py --workdir=$WORKDIR --config.init_from=...
 Sized for: 8 GPUs / one TPU host. Paper: 80.1 (ViT-B/16, 1600 ep) [protocol unverified].
 """
-from beitv2_jax.config_defaults import base, vit_model
+from beitv2_jax.config_defaults import base, recipe_args, vit_model
 
 
 def get_config(arg: str = ""):
+  recipe_args(arg, {}, "configs/linprobe_base.py")  # takes none: a typo is refused, not ignored
   c = base("linprobe")
   c.data.name = "tfds:imagenet2012"
   c.data.eval_split = "val"

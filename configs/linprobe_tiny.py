@@ -9,10 +9,11 @@ cosine schedule on RandomResizedCrop + flip, evaluated with resize + centre crop
 Run:  python -m beitv2_jax.main --config=configs/linprobe_tiny.py --workdir=workdirs/lp --config.init_from=workdirs/pt_tiny
 `init_from` empty probes the same architecture at random init (the baseline).
 """
-from beitv2_jax.config_defaults import base, vit_model
+from beitv2_jax.config_defaults import base, recipe_args, vit_model
 
 
 def get_config(arg: str = ""):
+  recipe_args(arg, {}, "configs/linprobe_tiny.py")  # takes none: a typo is refused, not ignored
   c = base("linprobe")
   c.data.name = "mnist5k"
   c.batch_size = 128

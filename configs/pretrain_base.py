@@ -8,7 +8,7 @@ Sized for: 16x V100-32GB officially (batch 128/GPU = 2048); e.g. a TPU v4-32 / v
 Expected after fine-tuning (configs/finetune_base.py): 85.0 (300 ep) / 85.5 (1600 ep) ImageNet top-1;
 80.1 linear probe (1600 ep, paper abstract).
 """
-from beitv2_jax.config_defaults import base, vit_model
+from beitv2_jax.config_defaults import base, recipe_args, vit_model
 
 
 def get_config(arg: str = ""):
@@ -16,8 +16,7 @@ def get_config(arg: str = ""):
 
 
 def pretrain_config(size: str, arg: str):
-  args = dict(a.split("=") for a in arg.split(",") if a)
-  epochs = int(args.get("epochs", 300))
+  epochs = recipe_args(arg, {"epochs": 300}, f"configs/pretrain_{size}.py")["epochs"]
   if epochs not in (300, 1600):
     raise ValueError(f"epochs={epochs}: the official recipes are 300 and 1600")
   c = base("pretrain")

@@ -16,10 +16,11 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 import tokenizer_tiny  # noqa: E402
 
-from beitv2_jax.config_defaults import base, vit_model  # noqa: E402
+from beitv2_jax.config_defaults import base, recipe_args, vit_model  # noqa: E402
 
 
 def get_config(arg: str = ""):
+  recipe_args(arg, {}, "configs/pretrain_tiny.py")  # takes none: a typo is refused, not ignored
   c = base("pretrain")
   c.data.name = "photos"
   c.data.train_split = "train"

@@ -8,11 +8,11 @@ Sized for: 8x V100-32GB in the official run (batch 64/GPU); one 8-chip TPU host 
 Expected (TOKENIZER.md): codebook usage 97% (3-layer decoder) / 100% (1-layer); the tokenizer then gives
 85.0 (300 ep) / 85.5 (1600 ep) ImageNet fine-tune top-1 after BEiT v2 pretraining of ViT-B/16.
 """
-from beitv2_jax.config_defaults import base, vit_model
+from beitv2_jax.config_defaults import base, recipe_args, vit_model
 
 
 def get_config(arg: str = ""):
-  args = dict(a.split("=") for a in arg.split(",") if a)
+  args = recipe_args(arg, {"decoder_depth": 3}, "configs/tokenizer_base.py")
   c = base("tokenizer")
   c.data.name = "tfds:imagenet2012"
   c.data.eval_split = "val"
@@ -23,7 +23,7 @@ def get_config(arg: str = ""):
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2500    # ~1 epoch
   c.eval_every_steps = 25020         # every 10 epochs
-  c.model = vit_model("base", decoder_depth=int(args.get("decoder_depth", 3)), decoder_embed_dim=768,
+  c.model = vit_model("base", decoder_depth=args["decoder_depth"], decoder_embed_dim=768,
                       decoder_num_heads=12, codebook_size=8192, codebook_dim=32, teacher_dim=0,
                       ema_decay=0.99, kmeans_init=True, dead_code_restart_steps=0, dtype="bfloat16")
   c.teacher = "openai/clip-vit-base-patch16"

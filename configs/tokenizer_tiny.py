@@ -11,10 +11,11 @@ tokenizer_base.py): with a random teacher and 300 steps, half the codes go unuse
 the photos: codebook_usage 0.48 and rec_loss 0.089 at step 300 with it off; 1.00 and 0.080 with it on).
 Expected (2-core CPU, ~1 min for 300 steps): rec_loss falls from ~0.37 to ~0.08, codebook_usage ~1.0.
 """
-from beitv2_jax.config_defaults import base, vit_model
+from beitv2_jax.config_defaults import base, recipe_args, vit_model
 
 
 def get_config(arg: str = ""):
+  recipe_args(arg, {}, "configs/tokenizer_tiny.py")  # takes none: a typo is refused, not ignored
   c = base("tokenizer")
   c.data.name = "photos"
   c.data.train_split = "all"

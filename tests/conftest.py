@@ -9,3 +9,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+# One persistent compilation cache for the session: many tests compile the same tiny steps (each run,
+# resume and rerun of a tiny tokenizer compiles its step anew), and a cache hit skips XLA.
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ.get("BEITV2_TEST_JAX_CACHE",
+                                                               tempfile.mkdtemp(prefix="beitv2_jax_cache_")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

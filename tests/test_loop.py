@@ -1,4 +1,5 @@
-"""Checkpointing and resume: exact resume, SIGKILL, SIGTERM, NaN guard, restore across device counts."""
+"""Checkpointing and resume: exact resume, SIGKILL, SIGTERM, restore across device counts (the NaN guard,
+corrupt checkpoints and the workdir lock: test_reliability.py)."""
 import os
 import signal
 import subprocess
@@ -9,7 +10,6 @@ import numpy as np
 import pytest
 
 from beitv2_jax import main as entry
-from beitv2_jax.train.loop import NonFiniteError
 from beitv2_jax.train.writer import read_metrics
 from helpers import ROOT, assert_trees_equal, params_of, tokenizer_config
 
@@ -44,18 +44,6 @@ def test_restore_across_device_counts(tmp_path):
   entry.run(tokenizer_config(steps=8, stop_after_steps=4, **{"mesh.data": 1}), w1to8)
   entry.run(tokenizer_config(steps=8, **{"mesh.fsdp": 8}), w1to8)  # and onto an FSDP layout
   assert_trees_equal(params_of(one)["params"], params_of(w1to8)["params"], atol=1e-5)
-
-
-def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
-  wd = str(tmp_path / "nan")
-  cfg = tokenizer_config(steps=40, log_every_steps=1, checkpoint_every_steps=1, **{"optim.lr": 1e12,
-                                                                                     "warmup_steps": 0})
-  with pytest.raises(NonFiniteError, match=r"at step (\d+)") as e:
-    entry.run(cfg, wd)
-  bad_step = int(__import__("re").search(r"at step (\d+)", str(e.value)).group(1))
-  state = params_of(wd)
-  assert int(state["step"]) < bad_step
-  assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree.leaves(state["params"]))
 
 
 def _cli(workdir, *overrides):

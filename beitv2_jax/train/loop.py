@@ -6,6 +6,7 @@ Reads top to bottom: mesh -> input -> sharded init or restore -> compiled step -
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -154,9 +155,18 @@ def jit_step(step: Callable, state_shardings: Any, mesh) -> Callable:
 
 def run(task: Task) -> tuple[TrainState, dict]:
   """Trains `task` to task.total_steps, resuming from task.workdir if it holds a checkpoint. Returns the
-  final state and the last logged metrics merged with the last evaluation."""
+  final state and the last logged metrics merged with the last evaluation. One run per workdir: a second
+  one is refused while the first holds WORKDIR/run.lock."""
+  validate(task.config, task.mesh)  # every setting checked before anything is built or compiled
+  lock = checkpoint.acquire_lock(task.workdir)
+  try:
+    return _run(task)
+  finally:
+    checkpoint.release_lock(lock)
+
+
+def _run(task: Task) -> tuple[TrainState, dict]:
   config, workdir, mesh = task.config, task.workdir, task.mesh
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
   # ---- Input: host pipeline -> batches already on the devices (what checkpoints record) -----------
@@ -169,18 +179,21 @@ def run(task: Task) -> tuple[TrainState, dict]:
   shardings = parallel.state_shardings(abstract, mesh, task.state_rules())
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.get("keep_checkpoints", 3),
                                  keep_every=config.get("keep_every_steps", 0))
-  start = ckpt.latest_step()
-  if start is not None:
+  run_info = {"task": task.name, "config": config.to_dict(), **task.model_info()}
+  restored = None
+  if ckpt.latest_step() is not None:
+    check_resume_config(workdir, run_info)  # a different model is refused before orbax tries it
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    state = ckpt.restore(start, target, data_iter)
+    restored = ckpt.restore_latest(target, data_iter)
+  if restored is not None:
+    start, state, meta = restored
     logging.info("resumed from %s at step %d", workdir, start)
     if is_main:
       print(f"[{task.name}] resumed from step {start}", flush=True)
   else:
-    start = 0
+    start, meta = 0, {}
     state = jax.jit(task.init_state, out_shardings=shardings)(rng)
-  checkpoint.write_json(os.path.join(workdir, "config.json"),
-                        {"task": task.name, "config": config.to_dict(), **task.model_info()})
+  checkpoint.write_json(os.path.join(workdir, "config.json"), run_info)
 
   # ---- Compiled step -----------------------------------------------------------------------------
   frozen = jax.device_put(task.frozen, parallel.state_shardings(task.frozen, mesh, task.state_rules()))
@@ -188,7 +201,9 @@ def run(task: Task) -> tuple[TrainState, dict]:
   first = task.first_step(state)
   first_fn = jit_step(first, shardings, mesh) if first is not None else None
 
-  writer = MetricWriter(workdir, wandb_config=dict(config.get("wandb", {}), run_config=config.to_dict()))
+  # rows logged after the checkpoint we resume from are dropped: the resumed run logs those steps again
+  writer = MetricWriter(workdir, wandb_config=dict(config.get("wandb", {}), run_config=config.to_dict()),
+                        drop_after_step=start)
   preempted = _install_sigterm()
   peak = device_peak_flops()
   total = task.total_steps
@@ -197,16 +212,25 @@ def run(task: Task) -> tuple[TrainState, dict]:
   stop_after = config.get("stop_after_steps", 0)  # > 0: save and exit at this step (time-limited jobs)
   last_metrics: dict = {}
   pending: list = []
-  last_good_step = start
   t_last, steps_since = time.perf_counter(), 0
-  bad_images = 0
+  bad_images = int(meta.get("bad_images", 0))
+  # NaN guard. A step's loss and gradient norm are those of its input state, so a checkpoint of step s is
+  # trusted only once step s + 1 came out finite; until then it is `unconfirmed`, and if step s + 1 is not
+  # finite it is set aside (moved, never deleted): resuming from it would only fail again.
+  unconfirmed: Optional[int] = None
 
   def check_finite(metrics: dict, step: int):
-    for key in ("loss", "grad_norm"):
-      if key in metrics and not np.isfinite(metrics[key]):
-        raise NonFiniteError(
-            f"{key} is {metrics[key]} at step {step} (last finite check at step {last_good_step}); "
-            f"stopped without saving. The last good checkpoint is step {ckpt.latest_step()} in {workdir}.")
+    nonlocal unconfirmed
+    bad = next((k for k in ("loss", "grad_norm") if k in metrics and not np.isfinite(metrics[k])), None)
+    if bad is None:
+      if unconfirmed is not None and step == unconfirmed + 1:
+        unconfirmed = None
+      return
+    msg = f"{bad} is {metrics[bad]} at step {step}; stopped without saving."
+    if unconfirmed is not None and step == unconfirmed + 1:
+      moved = ckpt.set_aside(unconfirmed)
+      msg += f" Checkpoint {unconfirmed}, the input of that step, was set aside in {moved}."
+    raise NonFiniteError(msg + " " + _last_good(ckpt, workdir))
 
   step = start
   try:
@@ -225,7 +249,6 @@ def run(task: Task) -> tuple[TrainState, dict]:
         fetched = jax.device_get(pending)
         for i, m in enumerate(fetched):
           check_finite(m, step - len(fetched) + 1 + i)
-        last_good_step = step
         pending = []
       if is_log:
         now = time.perf_counter()
@@ -258,7 +281,11 @@ def run(task: Task) -> tuple[TrainState, dict]:
 
       # ---- Checkpoint / preemption ----------------------------------------------------------------
       if is_ckpt:
-        ckpt.save(step, state, data_iter)
+        if not bool(_all_finite(state.params, state.opt_state)):
+          raise NonFiniteError(f"the parameters or optimizer state after step {step} are not finite (its loss and "
+                               f"gradient norm were); stopped without saving. {_last_good(ckpt, workdir)}")
+        ckpt.save(step, state, data_iter, meta={"bad_images": bad_images})
+        unconfirmed = step
       if stop:
         ckpt.wait()
         if is_main:
@@ -278,3 +305,90 @@ def run(task: Task) -> tuple[TrainState, dict]:
     ckpt.close()
     writer.close()
   return state, last_metrics
+
+
+@jax.jit
+def _all_finite(*trees) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(trees) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+  return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves])) if leaves else True
+
+
+def _last_good(ckpt: checkpoint.Checkpointer, workdir: str) -> str:
+  ckpt.wait()
+  good = ckpt.latest_step()
+  if good is None:
+    return f"No checkpoint is left in {workdir}: a rerun starts from step 0 (with a lower learning rate, say)."
+  return (f"The last good checkpoint is step {good} in {workdir}: rerun to resume from it (with a lower learning "
+          "rate, say).")
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings: checked up front, and compared with the workdir's on resume
+# ------------------------------------------------------------------------------------------------
+def validate(config, mesh=None) -> None:
+  """Every setting the loop reads, checked before anything is built, compiled or written; with the mesh
+  also the batch's divisibility over its devices. Raises ValueError naming the field and value."""
+  from beitv2_jax.config_defaults import validate as validate_config
+  validate_config(config)
+  if mesh is not None:
+    n = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
+    if config.batch_size % n or config.batch_size % jax.process_count():
+      raise ValueError(f"batch_size={config.batch_size} does not split evenly over the {n} devices of the batch "
+                       f"axes ({dict(mesh.shape)}) and {jax.process_count()} process(es): use a multiple of {n}")
+
+
+# Model fields that may change between a checkpoint and the run resuming from it: how the same math runs.
+EXECUTION_FIELDS = ("dtype", "remat", "attention")
+
+
+def check_resume_config(workdir: str, run_info: dict) -> None:
+  """Compares this run with WORKDIR/config.json before resuming. A different task or model (any
+  `config.model` field but the execution ones, or the stored architecture) is refused with the fields
+  that differ; other changes (schedule, logging, data) are allowed and listed."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except ValueError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}): cannot check this run against the one that wrote the "
+                     "checkpoints") from None
+  new = json.loads(json.dumps(run_info, sort_keys=True, default=str))
+  diffs = _diff(_flat(old), _flat(new))
+  model = [d for d in diffs if _is_model_field(d[0])]
+  if model:
+    raise ValueError(f"{workdir} holds checkpoints of a different model; fields that differ from its config.json: "
+                     + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in model[:10])
+                     + " (use a new --workdir, or the settings of that run)")
+  others = [d for d in diffs if d[0].startswith("config.")]
+  if others and jax.process_index() == 0:
+    print("resuming with changed settings: " + "; ".join(f"{k[len('config.'):]}: {a!r} -> {b!r}"
+                                                          for k, a, b in others), flush=True)
+
+
+def _is_model_field(key: str) -> bool:
+  """`task`, the stored architecture (`kind`, `model.*`) and `config.model.*` but the execution fields."""
+  parts = key.split(".")
+  if key in ("task", "kind", "config.task") or parts[0] == "model":
+    return True
+  return parts[:2] == ["config", "model"] and len(parts) > 2 and parts[2] not in EXECUTION_FIELDS
+
+
+def _flat(d, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flat(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+_MISSING = "<unset>"
+
+
+def _diff(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
+  return [(k, a.get(k, _MISSING), b.get(k, _MISSING)) for k in sorted(set(a) | set(b))
+          if a.get(k, _MISSING) != b.get(k, _MISSING)]

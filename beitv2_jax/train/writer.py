@@ -21,13 +21,18 @@ def _scalar(v) -> Any:
 
 
 class MetricWriter:
-  def __init__(self, workdir: str, wandb_config: Optional[dict] = None, tensorboard: bool = True):
+  def __init__(self, workdir: str, wandb_config: Optional[dict] = None, tensorboard: bool = True,
+               drop_after_step: Optional[int] = None):
+    """drop_after_step: on resume, the step restored; rows of later steps (logged by the interrupted run
+    after its last checkpoint, about to be logged again) are removed from metrics.jsonl."""
     self.active = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = self.wandb = None
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
+    if drop_after_step is not None:
+      self._drop_rows_after(drop_after_step)
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter
@@ -42,6 +47,18 @@ class MetricWriter:
                                 dir=workdir, resume="allow", id=wandb_config.get("id") or None)
       except ImportError:
         logging.warning("config.wandb.enabled but wandb is not installed: skipped")
+
+  def _drop_rows_after(self, step: int) -> None:
+    rows = read_metrics(os.path.dirname(self.path))
+    keep = [r for r in rows if r.get("step", 0) <= step]
+    if len(keep) == len(rows):
+      return
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(tmp, self.path)
+    print(f"metrics.jsonl: dropped {len(rows) - len(keep)} row(s) past step {step}, logged after the last "
+          "checkpoint (they are logged again as the run resumes)", flush=True)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.active:
@@ -72,5 +89,11 @@ def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
+  rows = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except ValueError:  # a line cut short by a kill mid-write
+        continue
+  return rows
