@@ -41,7 +41,10 @@ def finetune_config(size: str, setting: str):
   c.model = vit_model(size, dtype="bfloat16", init_values=0.1, drop_path_rate=drop_path, use_cls=False,
                       head_init_scale=0.001)
   c.aug = dict(min_crop_scale=0.08, rand_augment_layers=2, rand_augment_magnitude=9.0, reprob=0.25,
-               mixup=mixup, cutmix=cutmix, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1)
+               mixup=mixup, cutmix=cutmix, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1,
+               # one mixup / cutmix draw per group, as per GPU officially: 1024 = 128 x 8 GPUs (base),
+               # 64 x 8 x 2 nodes (large)
+               mixup_group_size={"base": 128, "large": 64}[size])
   c.optim.update(lr=lr, min_lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, layer_decay=layer_decay,
                  clip_grad=0.0)
   return c

@@ -72,6 +72,34 @@ def test_mixup_cutmix_targets_sum_to_one_and_match_lambda():
       assert np.allclose(np.asarray(xm[0]), mixed, atol=1e-5) or abs(own - lam) < 0.1
 
 
+def test_mixup_draws_once_per_group_as_the_official_per_gpu_batches():
+  """A global batch of 8 in groups of 4 (the official run draws per GPU batch of 128): each group has one
+  lambda and one mixup-or-cutmix switch, its images are mixed with the mirror image inside the group, and
+  the groups' draws are independent (over 400 steps: lambdas differ, switches uncorrelated, half cutmix)."""
+  n, g = 8, 4
+  x = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32)[:, None, None, None], (n, 16, 16, 3))
+  y = jnp.arange(n)
+  f = jax.jit(lambda k: finetune.grouped_mixup_cutmix(k, x, y, n, g, smoothing=0.0))
+  partner = np.array([(i // g) * g + (g - 1 - i % g) for i in range(n)])
+  lams, cuts = [], []
+  for seed in range(400):
+    xm, t = map(np.asarray, f(jax.random.key(seed)))
+    assert np.allclose(t[np.arange(n), y] + t[np.arange(n), partner], 1.0, atol=1e-6)  # nobody else mixed in
+    lam = t[np.arange(n), y].reshape(2, g)
+    assert np.allclose(lam, lam[:, :1], atol=1e-6)  # one lambda per group
+    cut = [np.ptp(xm[i]) > 1e-6 for i in (0, g)]  # cutmix pastes a box; mixup blends whole images
+    for i in (0, g):
+      if not cut[i // g]:
+        np.testing.assert_allclose(xm[i], lam[i // g, 0] * x[i] + (1 - lam[i // g, 0]) * x[partner[i]], atol=1e-5)
+    lams.append(lam[:, 0]); cuts.append(cut)
+  lams, cuts = np.array(lams), np.array(cuts, float)
+  assert np.mean(np.abs(lams[:, 0] - lams[:, 1]) > 1e-6) > 0.95
+  assert abs(np.corrcoef(cuts[:, 0], cuts[:, 1])[0, 1]) < 0.15 and abs(cuts.mean() - 0.5) < 0.06
+  with pytest.raises(ValueError, match="mixup_group_size=3 does not divide batch_size=8"):
+    finetune.mixup_groups(8, 3)
+  assert finetune.mixup_groups(32, 128) == 1 and finetune.mixup_groups(1024, 128) == 8
+
+
 @pytest.mark.parametrize("alpha", [0.8, 1.0, 0.3])  # mixup's 0.8, cutmix's 1.0, and a small one
 def test_loop_free_beta_draws_follow_the_beta_distribution(alpha):
   """The mixup / cutmix lambda sampler (no while loop, unlike jax.random.beta): 20000 draws pass a

@@ -108,6 +108,8 @@ def test_kmeans_init_identical_on_every_device():
   np.testing.assert_allclose(shards[0], np.asarray(ref.embedding), atol=1e-6)
   assert bool(out.initted) and not bool(cb.initted) and not np.allclose(shards[0], np.asarray(cb.embedding))
   np.testing.assert_allclose(np.linalg.norm(shards[0], axis=-1), 1.0, atol=1e-5)
+  # the usage EMA starts at zero, as the official quantize.cluster_size after k-means
+  assert not np.asarray(out.usage).any()
 
 
 def test_dead_code_restart_reseeds_only_stale_codes():

@@ -71,6 +71,9 @@ def test_dino_target_matches_transformers_vit(tmp_path):
   x = _images()
   ref = ref_model(np.asarray(t.normalise(x)).transpose(0, 3, 1, 2)).last_hidden_state[:, 1:]
   np.testing.assert_allclose(np.asarray(t.target(x)), np.asarray(ref), atol=1e-5)
+  # transformers' DINO configs say 1e-12; the official DINO ViT uses 1e-6, and so do we
+  transformers.ViTConfig(**VISION, layer_norm_eps=1e-12).save_pretrained(tmp_path)
+  assert T.load_teacher(str(tmp_path)).module.layer_norm_eps == 1e-6
 
 
 def test_missing_teacher_is_a_clear_error(tmp_path):

@@ -123,8 +123,10 @@ def kmeans_init(cb: Codebook, z: Array, key: Array, iters: int = 10) -> Codebook
   """The codebook replaced by k-means on this (global) batch, as the official first training forward does
   when `kmeans_init` is set. The tokenizer runs it in its first step only (TokenizerTask.first_step): a
   conditional inside every step would make the GPU wait for the host each step."""
-  means, bins = kmeans(z, cb.size, key, iters)
-  return cb.replace(embedding=means, usage=bins, initted=jnp.asarray(True))
+  means, _ = kmeans(z, cb.size, key, iters)
+  # The usage EMA (official `quantize.cluster_size`) starts from zero: the official k-means copies its bin
+  # counts into `embedding.cluster_size`, a buffer that is never read again, not into the usage EMA.
+  return cb.replace(embedding=means, usage=jnp.zeros_like(cb.usage), initted=jnp.asarray(True))
 
 
 def usage_metrics(counts: Array) -> dict[str, Array]:

@@ -234,12 +234,16 @@ def _clip_module(cfg: dict, dtype) -> CLIPVision:
                     hidden_act=v.get("hidden_act", "quick_gelu"), dtype=dtype)
 
 
+# The official DINO teacher is DINO's own ViT, LayerNorm eps 1e-6; transformers' conversion of the same
+# weights (facebook/dino-vitb16) says 1e-12 in its config. The official value wins.
+DINO_LN_EPS = 1e-6
+
+
 def _dino_module(cfg: dict, dtype) -> DINOViT:
   return DINOViT(hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
                  num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
                  patch_size=cfg["patch_size"], image_size=cfg["image_size"],
-                 layer_norm_eps=cfg.get("layer_norm_eps", 1e-12), hidden_act=cfg.get("hidden_act", "gelu"),
-                 dtype=dtype)
+                 layer_norm_eps=DINO_LN_EPS, hidden_act=cfg.get("hidden_act", "gelu"), dtype=dtype)
 
 
 def _torch_key(path: tuple, kind: str) -> str:

@@ -93,6 +93,32 @@ def mixup_cutmix(rng, images, labels, num_classes, mixup_alpha=0.8, cutmix_alpha
   return images, lam * y + (1.0 - lam) * y[::-1]
 
 
+def mixup_groups(batch: int, group_size: int) -> int:
+  """Number of mixup groups for a global batch: each group of `group_size` images gets its own draw, as
+  each GPU's batch does in the official run (timm Mixup runs per process). A batch no larger than one
+  group is one group."""
+  if group_size <= 0:
+    raise ValueError(f"aug.mixup_group_size={group_size}: must be positive (the official per-GPU batch, 128)")
+  if batch <= group_size:
+    return 1
+  if batch % group_size:
+    raise ValueError(f"aug.mixup_group_size={group_size} does not divide batch_size={batch}: each group of "
+                     "images gets its own mixup / cutmix draw")
+  return batch // group_size
+
+
+def grouped_mixup_cutmix(rng, images, labels, num_classes, group_size: int, **kwargs):
+  """mixup_cutmix on each group of `group_size` consecutive images (its own lambda, mixup-or-cutmix switch
+  and box; each image mixed with its group reversed), as the official per-GPU draws."""
+  n = mixup_groups(images.shape[0], group_size)
+  if n == 1:
+    return mixup_cutmix(rng, images, labels, num_classes, **kwargs)
+  grouped = lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:])
+  mixed, targets = jax.vmap(lambda k, x, y: mixup_cutmix(k, x, y, num_classes, **kwargs))(
+      jax.random.split(rng, n), grouped(images), grouped(labels))
+  return mixed.reshape(images.shape), targets.reshape(images.shape[0], num_classes)
+
+
 def apply_random_erasing(rng, images, erase):
   """Fill the boxes marked by the host (timm RandomErasing, mode 'pixel') with N(0, 1) noise."""
   noise = jax.random.normal(rng, images.shape, images.dtype)
@@ -156,6 +182,9 @@ class FinetuneTask(_ClassifierTask):
     self.kwargs.pop("scan", None); self.kwargs.pop("remat", None)
     self.model = VisionTransformer(**self.kwargs, dtype=dtype_of(m.dtype), scan=m.scan, remat=m.remat,
                                    attention=m.get("attention", "auto"))
+    a = config.aug
+    if a.mixup > 0 or a.cutmix > 0:
+      mixup_groups(config.batch_size, a.get("mixup_group_size", 128))  # a bad group size fails here, not in jit
     self.flops_per_example = 3 * flops.vit_forward_flops(m.img_size, self.kwargs["patch_size"],
                                                          self.kwargs["embed_dim"], self.kwargs["depth"],
                                                          self.kwargs["mlp_ratio"])
@@ -197,8 +226,9 @@ class FinetuneTask(_ClassifierTask):
     if "erase" in batch:
       images = apply_random_erasing(k_erase, images, batch["erase"])
     if a.mixup > 0 or a.cutmix > 0:
-      images, targets = mixup_cutmix(k_mix, images, batch["label"], self.num_classes, a.mixup, a.cutmix,
-                                     a.mixup_prob, a.mixup_switch_prob, a.label_smoothing)
+      images, targets = grouped_mixup_cutmix(
+          k_mix, images, batch["label"], self.num_classes, a.get("mixup_group_size", 128), mixup_alpha=a.mixup,
+          cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob, smoothing=a.label_smoothing)
     else:
       targets = smooth_one_hot(batch["label"], self.num_classes, a.label_smoothing)
 
