@@ -130,3 +130,13 @@ def test_usage_metrics():
   m = q.usage_metrics(jnp.asarray([4.0, 0.0, 4.0, 0.0]))
   assert float(m["codebook_usage"]) == 0.5 and int(m["unused_codes"]) == 2
   np.testing.assert_allclose(float(m["perplexity"]), 2.0, rtol=1e-6)
+
+
+def test_code_search_and_kmeans_ask_for_true_float32():
+  """Near-tie cosines need float32: at the default precision a TPU multiplies float32 in one bf16 pass and a
+  GPU in TF32 (each moved labels, benchmarks/label_precision.py). The lowered programs say HIGHEST."""
+  E = q.l2norm(jax.random.normal(jax.random.key(0), (64, 8)))
+  z = q.l2norm(jax.random.normal(jax.random.key(1), (32, 8)))
+  for fn in (lambda: q.nearest_code(E, z), lambda: q.kmeans(z, 16, jax.random.key(2), iters=2)):
+    text = jax.jit(fn).lower().as_text()
+    assert "dot_general" in text and text.count("HIGHEST") >= 1, text[:2000]

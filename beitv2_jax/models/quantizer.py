@@ -41,9 +41,17 @@ def new_codebook(key: Array, size: int, dim: int, initted: bool = False) -> Code
                   last_used=jnp.zeros((size,), jnp.int32), initted=jnp.asarray(initted))
 
 
+# The code search and k-means compare cosines that differ in the 3rd-4th decimal for near-ties: at JAX's
+# default matmul precision a float32 product is one bfloat16 pass on TPUs and TF32 on recent GPUs, which
+# alone moved 0.9% / 0.1% of a ViT-B tokenizer's labels (benchmarks/label_precision.py, emulated). The
+# search is ~1% of a MIM step's FLOPs, so it runs in true float32.
+SEARCH_PRECISION = jax.lax.Precision.HIGHEST
+
+
 def nearest_code(embedding: Array, z: Array) -> Array:
   """Index of the nearest code by cosine (== argmin squared L2 for unit vectors). z: (..., D)."""
-  sim = jnp.einsum("...d,kd->...k", z.astype(jnp.float32), embedding.astype(jnp.float32))
+  sim = jnp.einsum("...d,kd->...k", z.astype(jnp.float32), embedding.astype(jnp.float32),
+                   precision=SEARCH_PRECISION)
   return jnp.argmax(sim, axis=-1).astype(jnp.int32)
 
 
@@ -110,7 +118,7 @@ def kmeans(z: Array, size: int, key: Array, iters: int = 10) -> tuple[Array, Arr
 
   def body(_, carry):
     means, _ = carry
-    ids = jnp.argmax(z @ means.T, axis=-1)
+    ids = jnp.argmax(jnp.matmul(z, means.T, precision=SEARCH_PRECISION), axis=-1)
     bins = jnp.zeros((size,), jnp.float32).at[ids].add(1.0)
     sums = jax.ops.segment_sum(z, ids, num_segments=size)
     new = l2norm(sums / jnp.maximum(bins, 1.0)[:, None])
