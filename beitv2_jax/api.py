@@ -49,7 +49,9 @@ from beitv2_jax.models.vit import VisionTransformer
 from beitv2_jax.models.vqkd import VQKD
 
 KINDS = ("classifier", "mim", "tokenizer")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float16: the official code runs the tokenizer under fp16 autocast; 3 more mantissa bits than bf16 keep
+# near-tie code choices closer to float32 (benchmarks/label_precision.py measures how much).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass

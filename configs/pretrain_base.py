@@ -7,6 +7,21 @@ Arg: epochs=300 (default; betas (0.9, 0.98), drop path 0) or epochs=1600 (betas 
 Sized for: 16x V100-32GB officially (batch 128/GPU = 2048); e.g. a TPU v4-32 / v5p-32 or 16 GPUs here.
 Expected after fine-tuning (configs/finetune_base.py): 85.0 (300 ep) / 85.5 (1600 ep) ImageNet top-1;
 80.1 linear probe (1600 ep, paper abstract).
+Labels' precision (`tokenizer_dtype`): the frozen tokenizer's matmuls run in bfloat16 (its LayerNorms,
+softmax, residual stream and nearest-code search in float32). Measured on the CPU by
+benchmarks/label_precision.py (RESULTS.md, "Tokenizer label precision"): against float32 execution,
+bfloat16 changes 1.6% of the patch labels of a ViT-B/16-sized tokenizer (random weights) on real photos
+and float16 0.19% (a trained tiny tokenizer: 1.7% vs 0.13%); the official code under fp16 autocast, its
+code-search einsum in fp16 too, changes 0.36%. The changed labels are near-ties: 79 of bfloat16's 80 went to
+float32's runner-up code, within 5e-3 cosine of the nearest. (The code search runs in true float32,
+precision HIGHEST: at JAX's default, TF32 on recent GPUs and one bf16 pass on TPUs, it alone moved 0.11% /
+0.89%, emulated.) float16 would be the closer match to float32 and to the official labels at no cost on GPUs (fp16 matmuls run at
+bf16 speed there; the tokenizer forward is 35 of the step's 164 GFLOPs per image), but bfloat16 stays the
+default: this recipe also targets TPUs, which have no fast float16 matmul, and the float16 tokenizer has not
+run on a GPU yet (its padded-key mask value, once -inf in float16, is now finite and tested on the CPU).
+On a GPU, run
+`python benchmarks/label_precision.py random:pretrain_base --data photos:all` there first (it reports
+non-finite outputs), then pass --config.tokenizer_dtype=float16.
 """
 from beitv2_jax.config_defaults import base, recipe_args, vit_model
 

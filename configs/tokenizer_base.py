@@ -7,6 +7,13 @@ Variants: `configs/tokenizer_base.py:decoder_depth=1` (the 1x768x12 tokenizer),
 Sized for: 8x V100-32GB in the official run (batch 64/GPU); one 8-chip TPU host or 8 GPUs here.
 Expected (TOKENIZER.md): codebook usage 97% (3-layer decoder) / 100% (1-layer); the tokenizer then gives
 85.0 (300 ep) / 85.5 (1600 ep) ImageNet fine-tune top-1 after BEiT v2 pretraining of ViT-B/16.
+Precision: encoder, decoder and teacher matmuls in bfloat16 (LayerNorms, softmax, the residual stream,
+encode_task_layer and the code search in float32); the official run used fp16 autocast. A bfloat16 encoder
+puts 1.6-1.7% of the patches on another code than float32 would, float16 0.13-0.19%
+(benchmarks/label_precision.py, RESULTS.md "Tokenizer label precision"): near-ties, which the EMA codebook
+update averages over. Training stays in bfloat16: float16 training needs a loss scaler against gradient
+underflow, which this trainer does not have, and TPUs have no fast float16 matmul. The teacher's output is
+a regression target (no argmax), so its bfloat16 rounding flips no code.
 """
 from beitv2_jax.config_defaults import base, recipe_args, vit_model
 

@@ -72,6 +72,19 @@ def test_valid_tokens_mask_the_callers_padding_on_both_paths():
   np.testing.assert_allclose(fused[:, :9], ref, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_padding_mask_is_finite_in_16_bit_and_the_padded_path_agrees(dtype):
+  """The padded keys' mask value is finite in the dtype the fused kernel gets (-2^41 is -inf in float16,
+  and -inf - -inf is NaN in a running max), and the padded fused path in 16 bits matches the float32
+  reference within 16-bit rounding (2e-2 relative)."""
+  bias = attention_lib.masked_padding_bias(None, 197, 200, dtype)
+  assert bias.dtype == dtype and bool(jnp.isfinite(bias).all()) and float(bias.min()) < -1e4
+  q, k, v, b = _inputs(2, 13, 2, 8, dtype)
+  ref = attention_lib._xla_attention(*(t.astype(jnp.float32) for t in (q, k, v)), b)
+  out = attention_lib.padded_fused_attention(q, k, v, b, implementation="xla")
+  assert bool(jnp.isfinite(out).all()) and _rel(out, ref) < 2e-2
+
+
 def test_resolve_and_errors():
   assert attention_lib.resolve("xla", jnp.bfloat16, 64) == "xla"
   expected_auto = "cudnn" if on_gpu else "xla"

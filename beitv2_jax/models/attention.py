@@ -84,8 +84,14 @@ def masked_padding_bias(bias: Optional[Array], valid: int, n: int, dtype) -> Arr
   pad = n - valid
   if pad:
     bias = jnp.pad(bias, [(0, 0)] * (bias.ndim - 2) + [(0, pad), (0, pad)])
-    bias = jnp.where(jnp.arange(n) >= valid, jnp.asarray(_MASK_VALUE, bias.dtype), bias)
+    bias = jnp.where(jnp.arange(n) >= valid, jnp.asarray(_mask_value(dtype), bias.dtype), bias)
   return bias.reshape((1,) * (4 - bias.ndim) + bias.shape).astype(dtype)
+
+
+def _mask_value(dtype) -> float:
+  """-2^41 where it is finite; float16 tops out at 65504, so -2^41 would be -inf there (and inf - inf
+  in the kernel's running max is NaN): 0.7 of float16's largest value, as jax masks float16."""
+  return -0.7 * float(jnp.finfo(jnp.float16).max) if jnp.dtype(dtype) == jnp.float16 else _MASK_VALUE
 
 
 def fused_attention(q, k, v, bias, valid: int, implementation: str = "cudnn"):
