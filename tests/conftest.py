@@ -12,10 +12,15 @@ flags.FLAGS.mark_as_parsed()
 
 # One persistent compilation cache for the session: many tests compile the same tiny steps (each run,
 # resume and rerun of a tiny tokenizer compiles its step anew), and a cache hit skips XLA.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", os.environ.get("BEITV2_TEST_JAX_CACHE",
-                                                               tempfile.mkdtemp(prefix="beitv2_jax_cache_")))
+_cache = os.environ.get("BEITV2_TEST_JAX_CACHE")
+if not _cache:  # a fresh cache per session, removed at its end
+  _cache = tempfile.mkdtemp(prefix="beitv2_jax_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
