@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from beitv2_jax.errors import one_line
+
 # Keys the official / timm checkpoints carry that are buffers, not parameters.
 BUFFER_PATTERNS = (r"(^|\.)relative_position_index$", r"(^|\.)k_bias$")
 
@@ -72,7 +74,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   try:
     return load_file(path)
   except (SafetensorError, ValueError, TypeError, OSError) as e:
-    raise ValueError(f"{path} is not a valid .safetensors file: {_one_line(e)}") from None
+    raise ValueError(f"{path} is not a valid .safetensors file: {one_line(e)}") from None
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
@@ -83,7 +85,7 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as archive:  # object arrays would unpickle: refused
       return {k: archive[k] for k in archive.files}
   except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
-    raise ValueError(f"{path} is not a valid .npz of arrays: {_one_line(e)}") from None
+    raise ValueError(f"{path} is not a valid .npz of arrays: {one_line(e)}") from None
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
@@ -135,14 +137,6 @@ def _unpickling_reason(message: str) -> str:
 
 def _qualname(obj) -> str:
   return f"{obj.__module__}.{obj.__qualname__}"
-
-
-def _one_line(e: BaseException) -> str:
-  """An exception's text on one line (torch's messages span paragraphs; KeyError quotes itself)."""
-  text = str(e).strip()
-  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
-    text = text[1:-1]
-  return " ".join(text.split()) or type(e).__name__
 
 
 # ------------------------------------------------------------------------------------------------
@@ -474,7 +468,7 @@ def main(argv=None):
 
 def _exit_with(e: BaseException, path: str = ""):
   """`error: Type: message` on one line (exit 1); `path` is prefixed when the message does not name it."""
-  text = _one_line(e)
+  text = one_line(e)
   if path and path not in text:
     text = f"{path}: {text}"
   sys.exit(f"error: {type(e).__name__}: {text}")

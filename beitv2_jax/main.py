@@ -13,6 +13,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from beitv2_jax.errors import one_line
+
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl, TensorBoard events and pictures go.")
@@ -64,20 +66,13 @@ def main(argv):
       print(f"no --workdir given: using {workdir}", flush=True)
     run(config, workdir)
   except USER_ERRORS as e:
-    sys.exit(f"error: {type(e).__name__}: {_one_line(e)}")
+    sys.exit(f"error: {type(e).__name__}: {one_line(e)}")
   except Exception as e:  # NonFiniteError and friends: one clear line, then non-zero exit
     from beitv2_jax.checkpoint import NoRestorableCheckpointError, WorkdirLockedError
     from beitv2_jax.train.loop import NonFiniteError
     if isinstance(e, (NonFiniteError, NoRestorableCheckpointError, WorkdirLockedError)):
-      sys.exit(f"error: {_one_line(e)}")
+      sys.exit(f"error: {one_line(e)}")
     raise
-
-
-def _one_line(e: BaseException) -> str:
-  text = str(e).strip()
-  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a repr'd message (AttributeError)
-    text = text[1:-1].replace("\\n", " ").replace("\\'", "'")
-  return " ".join(text.split()) or type(e).__name__
 
 
 def parse_flags(argv):
@@ -89,9 +84,9 @@ def parse_flags(argv):
     text = str(e).strip()
     if "Traceback (most recent call last)" in text:  # ml_collections quotes the recipe's whole traceback
       text = f"bad --config: {text.splitlines()[-1].strip()}"
-    _usage_error(f"error: {_one_line(text)}")
+    _usage_error(f"error: {one_line(text)}")
   except (AttributeError, KeyError, TypeError, ValueError, OSError, ImportError, SyntaxError) as e:
-    _usage_error(f"error: bad --config: {type(e).__name__}: {_one_line(e)}")
+    _usage_error(f"error: bad --config: {type(e).__name__}: {one_line(e)}")
 
 
 def _usage_error(line: str):

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from beitv2_jax import checkpoint, parallel
+from beitv2_jax.config_defaults import validate as validate_config
 from beitv2_jax.data import pipeline, sources
 from beitv2_jax.train.writer import MetricWriter
 
@@ -328,7 +329,6 @@ def _last_good(ckpt: checkpoint.Checkpointer, workdir: str) -> str:
 def validate(config, mesh=None) -> None:
   """Every setting the loop reads, checked before anything is built, compiled or written; with the mesh
   also the batch's divisibility over its devices. Raises ValueError naming the field and value."""
-  from beitv2_jax.config_defaults import validate as validate_config
   validate_config(config)
   if mesh is not None:
     n = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
