@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import portpicker
 
 from helpers import ROOT, params_of, assert_trees_equal
@@ -60,3 +61,58 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
   _run_single("pretrain_tiny", ref_mim, mim_extra)
   _run_pair("pretrain_tiny", mh_mim, mim_extra)
   assert_trees_equal(params_of(ref_mim)["params"], params_of(mh_mim)["params"], atol=1e-5)
+
+
+# --- the input of a v4-32's 4 hosts: 4 JAX processes, each reading its rows, one global batch -------------
+_INPUT_WORKER = r"""
+import sys
+import jax, numpy as np
+from jax.experimental import multihost_utils
+from beitv2_jax import parallel
+from beitv2_jax.data import pipeline, sources, transforms
+port, pid, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+parallel.initialize_distributed(f"127.0.0.1:{port}", 4, pid)
+mesh = parallel.make_mesh()
+src = sources.make_source("digits", "train")
+it = iter(pipeline.train_dataset(src, transforms.TokenizerTrain(16), 32, seed=3, read_threads=0))
+local, local_image, whole = [], [], []
+for _ in range(2):
+  batch = next(it)
+  batch.pop("bad")
+  local.append(batch["label"])
+  local_image.append(batch["image"])
+  g = parallel.to_global(batch, mesh)  # this host's rows -> one global array over the 4 hosts' devices
+  whole.append({k: multihost_utils.process_allgather(v, tiled=True) for k, v in g.items()})
+np.savez(out, local=np.stack(local), local_image=np.stack(local_image), **{f"{k}{i}": b[k] for i, b in enumerate(whole) for k in b})
+"""
+
+
+def test_four_hosts_read_disjoint_rows_of_the_one_process_global_batch(tmp_path):
+  """4 processes (a v4-32's host count) x 1 CPU device, jax.distributed over gloo: each reads its own 8 rows of
+  every 32-image global batch, and the global batch they assemble on the devices (images and labels,
+  augmentation included) is the batch one process reads alone."""
+  from beitv2_jax.data import pipeline, sources, transforms
+  port = portpicker.pick_unused_port()
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = [subprocess.Popen([sys.executable, "-c", _INPUT_WORKER, str(port), str(i), str(tmp_path / f"p{i}.npz")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(4)]
+  for p in procs:
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, out[-3000:]
+  got = [np.load(tmp_path / f"p{i}.npz") for i in range(4)]
+  src = sources.make_source("digits", "train")
+  one = iter(pipeline.train_dataset(src, transforms.TokenizerTrain(16), 32, seed=3, read_threads=0,
+                                    process_index=0, process_count=1))
+  for b in range(2):
+    ref = next(one)
+    locals_ = [g["local"][b] for g in got]
+    assert all(len(x) == 8 for x in locals_)
+    np.testing.assert_array_equal(np.concatenate(locals_), ref["label"])  # host p holds rows [8p, 8p + 8)
+    for g in got:  # every host assembled the same global batch, equal to the one-process batch
+      np.testing.assert_array_equal(g[f"label{b}"], ref["label"])
+      np.testing.assert_array_equal(g[f"image{b}"], ref["image"])
+    # host p read exactly rows [8p, 8p + 8) of the global batch (images too: each row's augmentation is
+    # seeded by its global position), so no row is read by two hosts
+    for p, g in enumerate(got):
+      np.testing.assert_array_equal(g["local_image"][b], ref["image"][8 * p:8 * p + 8])
