@@ -27,7 +27,8 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name="mnist5k", train_split="train", eval_split="val", num_workers=0, read_threads=4,
       device_prefetch=2))  # batches kept in flight to the devices ahead of the step
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # data=-1: all devices / fsdp
+  # data=-1: all devices / fsdp. With fsdp > 1, state leaves of at least fsdp_min_size elements are sharded.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=1 << 16))
   c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
   c.wandb = ml_collections.ConfigDict(dict(enabled=False, project="beitv2_jax", name=""))
   c.optim = ml_collections.ConfigDict(dict(
@@ -105,6 +106,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
       need(c[field] >= 0, field, "must be >= 0")
   if "warmup_steps" in c:
     need(c.warmup_steps >= -1, "warmup_steps", "must be >= 0 (or -1: use warmup_epochs)")
+  if "mesh" in c:
+    need(c.mesh.fsdp >= 1, "mesh.fsdp", "must be >= 1")
+    need(c.mesh.data == -1 or c.mesh.data >= 1, "mesh.data", "must be >= 1 (or -1: all devices / fsdp)")
+    need(c.mesh.get("fsdp_min_size", 1) >= 1, "mesh.fsdp_min_size", "must be >= 1")
   m = c.get("model")
   if m is None:
     return

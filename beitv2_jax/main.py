@@ -13,7 +13,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from beitv2_jax.errors import one_line
+from beitv2_jax.errors import one_line, parse_flags
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
                                 lock_config=True)
@@ -23,12 +23,9 @@ USER_ERRORS = (ValueError, OSError, KeyError, TypeError, ImportError)
 
 
 def get_task_class(name: str):
-  from beitv2_jax.train import finetune, pretrain, tokenizer
-  tasks = {"tokenizer": tokenizer.TokenizerTask, "pretrain": pretrain.PretrainTask,
-           "finetune": finetune.FinetuneTask, "linprobe": finetune.LinearProbeTask}
-  if name not in tasks:
-    raise ValueError(f"unknown task {name!r}: expected one of {sorted(tasks) + ['knn', 'demo']}")
-  return tasks[name]
+  """The Task class of config.task (beitv2_jax/tasks.py)."""
+  from beitv2_jax.tasks import task_class
+  return task_class(name)
 
 
 def run(config, workdir: str):
@@ -73,25 +70,6 @@ def main(argv):
     if isinstance(e, (NonFiniteError, NoRestorableCheckpointError, WorkdirLockedError)):
       sys.exit(f"error: {one_line(e)}")
     raise
-
-
-def parse_flags(argv):
-  """absl flag parsing, but a bad config file, unknown field or mistyped value is one line, exit 2 (a
-  usage error; errors of the run itself exit 1)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    text = str(e).strip()
-    if "Traceback (most recent call last)" in text:  # ml_collections quotes the recipe's whole traceback
-      text = f"bad --config: {text.splitlines()[-1].strip()}"
-    _usage_error(f"error: {one_line(text)}")
-  except (AttributeError, KeyError, TypeError, ValueError, OSError, ImportError, SyntaxError) as e:
-    _usage_error(f"error: bad --config: {type(e).__name__}: {one_line(e)}")
-
-
-def _usage_error(line: str):
-  print(line, file=sys.stderr, flush=True)
-  sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -42,17 +42,24 @@ def _on_tpu_pod() -> bool:
   return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
 
 
-def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
-  n = jax.device_count()
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+  """The (data, fsdp) mesh over `devices` (default: all of this run's, jax.devices()). beitv2_jax.aot passes
+  the devices of a TPU topology it compiles for."""
+  devices = list(jax.devices() if devices is None else devices)
+  n, processes = len(devices), process_count(devices)
   if fsdp < 1 or n % fsdp:
     raise ValueError(f"mesh.fsdp={fsdp} must divide the number of devices ({n})")
   if data == -1:
     data = n // fsdp
-  if data * fsdp > n or (data * fsdp < n and jax.process_count() > 1):
+  if data < 1 or data * fsdp > n or (data * fsdp < n and processes > 1):
     raise ValueError(f"mesh data={data} x fsdp={fsdp} does not fit the {n} devices")
   # Fewer than all devices (single process only): the first data*fsdp, e.g. mesh.data=1 to debug on one.
-  devices = np.asarray(jax.devices()[:data * fsdp]).reshape(data, fsdp)
-  return Mesh(devices, ("data", "fsdp"))
+  return Mesh(np.asarray(devices[:data * fsdp]).reshape(data, fsdp), ("data", "fsdp"))
+
+
+def process_count(devices: Sequence[Any]) -> int:
+  """How many hosts (processes) the devices belong to."""
+  return len({d.process_index for d in devices})
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

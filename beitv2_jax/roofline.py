@@ -3,11 +3,13 @@
 Every kernel the module launches (a fusion, a cuBLAS / cuDNN custom call, a copy, a sort ...) is charged
 max(FLOPs / achievable FLOP rate, bytes / achievable bandwidth, a per-kernel floor), where bytes = the
 operands read + the results written (what a streaming kernel moves through device memory) and FLOPs are
-counted for matmuls (2 M N K, also inside fusions) and cuDNN attention (4 B H N^2 D forward, 2.5x that
-backward). Summed, that is a lower bound on the step time in which each kernel runs at the stated
-efficiency: it shows where the bytes go and what a change saves, not what a profiler would measure.
+counted for matmuls (2 M N K, also inside fusions; on TPUs XLA writes matmuls as convolutions, counted the
+same way) and cuDNN attention (4 B H N^2 D forward, 2.5x that backward). Summed, that is a lower bound on
+the step time in which each kernel runs at the stated efficiency: it shows where the bytes go and what a
+change saves, not what a profiler would measure.
 
-Used by benchmarks/gpu_aot.py on a GPU-compiled module; works on any backend's HLO (tests use CPU).
+Used by `python -m beitv2_jax.aot` on modules compiled for a GPU or a TPU without one, and by
+benchmarks/train_step.py --profile next to measured kernel times; works on any backend's HLO (tests use CPU).
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16"
 _ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([0-9,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+([a-z][a-z0-9\-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
-# Instructions that launch nothing: aliases, tuples, constants.
+# Instructions that launch nothing: aliases, tuples, constants; and asynchronous copies (a TPU's prefetches
+# between memory spaces), which overlap the kernels around them.
 _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
-              "replica-id", "opt-barrier", "add-dependency"}
+              "replica-id", "opt-barrier", "add-dependency", "copy-start", "copy-done"}
 
 
 @dataclasses.dataclass
@@ -152,6 +155,32 @@ def _attention_flops(call: Instr, shapes: dict) -> float:
   return 2.5 * forward if "Backward" in call.line else forward
 
 
+def _conv_flops(conv: Instr, shapes: dict) -> float:
+  """2 x output elements x (kernel elements / output features): a matmul written as a convolution (TPU)
+  or a real one (a patch embedding)."""
+  out, kernel = array_dims(conv.shape), array_dims(shapes.get(conv.operands[1], "")) if len(conv.operands) > 1 else []
+  labels = conv.attr(r"dim_labels=[\w?]+_([\w?]+)->")
+  if not out or not kernel or "o" not in labels or len(labels) != len(kernel[0][1]):
+    return 0.0
+  n_out, n_kernel = 1, 1
+  for d in out[0][1]:
+    n_out *= d
+  for d in kernel[0][1]:
+    n_kernel *= d
+  # TPUs write a batched matmul as a convolution over its batch dims with the input dilated by the window
+  # size ("convolution-base-dilated"): of each window's taps only ceil(size / lhs_dilate) meet real input.
+  sizes = [int(x) for x in filter(None, conv.attr(r"window=\{size=([\dx]+)").split("x"))]
+  dilations = [int(x) for x in filter(None, conv.attr(r"lhs_dilate=([\dx]+)").split("x"))] or [1] * len(sizes)
+  idle = 1.0
+  for size, dilation in zip(sizes, dilations):
+    idle *= size / -(-size // dilation)
+  return 2.0 * n_out * n_kernel / max(kernel[0][1][labels.index("o")], 1) / idle
+
+
+def _matmul_flops(i: Instr, shapes: dict) -> float:
+  return _conv_flops(i, shapes) if i.op == "convolution" else _dot_flops(i, shapes)
+
+
 def classify(i: Instr) -> str:
   if i.op == "custom-call":
     target = i.attr(r'custom_call_target="([^"]+)"')
@@ -171,7 +200,7 @@ def classify(i: Instr) -> str:
     return {"kInput": "reduction fusion", "kLoop": "elementwise fusion", "kCustom": "custom fusion"}.get(
         kind, "fusion " + kind)
   if i.op in ("dot", "convolution"):
-    return "matmul" if i.op == "dot" else "conv"
+    return "matmul"
   return i.op
 
 
@@ -187,7 +216,7 @@ def kernels(text: str, machine: Machine) -> list[Kernel]:
     if i.op == "fusion":  # a fusion with a dot inside (cuBLAS / Triton GEMM, a CPU library call) is a matmul
       body = computations.get(i.attr(r"calls=%([\w.\-]+)"), [])
       body_shapes = {b.name: b.shape for b in body}
-      fused_flops = sum(_dot_flops(b, body_shapes) for b in body if b.op == "dot")
+      fused_flops = sum(_matmul_flops(b, body_shapes) for b in body if b.op in ("dot", "convolution"))
       category = "matmul" if fused_flops else category
     if i.op == "while":
       out.append(Kernel(i.name, "while loop", i.attr(r'op_name="([^"]*)"'), 0.0, 0.0, 0.0))
@@ -198,7 +227,7 @@ def kernels(text: str, machine: Machine) -> list[Kernel]:
     moved = written + sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
     flops, rate = 0.0, machine.matmul_efficiency
     if category == "matmul":
-      flops = fused_flops or _dot_flops(i, shapes)
+      flops = fused_flops or _matmul_flops(i, shapes)
     elif category.startswith("attention"):
       flops, rate = _attention_flops(i, shapes), machine.attention_efficiency
     seconds = max(flops / (machine.peak_tflops * 1e12 * rate),
@@ -238,15 +267,40 @@ def by_source(ks: list[Kernel]) -> list[dict]:
   return _totals(ks, lambda k: {"category": k.category, "source": source_group(k.op_name)})
 
 
-# Device kind (substring of jax's device_kind) -> dense bf16 peak TFLOP/s (as train/loop.py's MFU) and HBM TB/s.
-MACHINES = (("H100", 989.0, 3.35), ("H200", 989.0, 4.8), ("A100", 312.0, 2.0))
+# Dense bf16 peak TFLOP/s, HBM TB/s and HBM bytes per device, by jax's device_kind (the first entry whose
+# key the kind contains). Sources: NVIDIA's H100 / H200 / A100 SXM data sheets; Google Cloud's TPU system
+# architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e: "peak compute per chip (bf16)",
+# "HBM capacity and bandwidth"). A TPU v4 or v5p device is a chip (its two TensorCores as one, megacore).
+MACHINES = (
+    ("H100", 989.0, 3.35, 80 * 2**30),
+    ("H200", 989.0, 4.8, 141 * 10**9),
+    ("A100", 312.0, 2.0, 80 * 2**30),
+    ("TPU v4", 275.0, 1.2, 32 * 2**30),
+    ("TPU v5 lite", 197.0, 0.819, 16 * 10**9),  # v5e
+    ("TPU v5p", 459.0, 2.765, 95 * 10**9),
+    ("TPU v5", 459.0, 2.765, 95 * 10**9),  # v5p reports its kind as "TPU v5"
+    ("TPU v6 lite", 918.0, 1.638, 32 * 10**9),  # v6e (Trillium)
+)
 
 
 def machine_for(device_kind: str) -> Machine | None:
-  for key, peak, hbm in MACHINES:
+  """The roofline machine of a device kind. A TPU runs the step as one program, without a launch per
+  kernel: no per-kernel floor there (a GPU's is the measured 2 us)."""
+  for key, peak, hbm, _ in MACHINES:
     if key.lower() in device_kind.lower():
-      return Machine(device_kind, peak, hbm)
+      return Machine(device_kind, peak, hbm, kernel_floor_us=0.0 if key.startswith("TPU") else 2.0)
   return None
+
+
+def hbm_bytes(device_kind: str) -> int | None:
+  """The device's memory (HBM) in bytes, from the table above; None for an unknown kind."""
+  return next((memory for key, _, _, memory in MACHINES if key.lower() in device_kind.lower()), None)
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """Dense bf16 peak FLOP/s of one device of this kind (the MFU denominator); None when unknown."""
+  m = machine_for(device_kind)
+  return m.peak_tflops * 1e12 if m else None
 
 
 def measured_vs_bound(measured_ns: dict[str, float], ks: list[Kernel], steps: int) -> tuple[list[dict], dict]:

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from beitv2_jax import flops  # noqa: E402  (the same FLOP count as ours: the MFU numerator)
 
 LN = functools.partial(nn.LayerNorm, eps=1e-6)
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, as beitv2_jax.train.loop
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, as beitv2_jax/roofline.py
 
 
 def _blocks(dim: int, heads: int, depth: int, init_values, drop_path_rates):

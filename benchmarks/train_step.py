@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import hlo_roofline  # noqa: E402
+from beitv2_jax import roofline as hlo_roofline  # noqa: E402
 from beitv2_jax import parallel  # noqa: E402
 from beitv2_jax.data import pipeline  # noqa: E402
 from beitv2_jax.models import attention as attention_lib  # noqa: E402
@@ -97,7 +97,7 @@ class Built:
 
 
 def _build(task: str, size: str, dtype: str, batch: int, remat: str, scan: bool, attention: str) -> Built:
-  from beitv2_jax.main import get_task_class
+  from beitv2_jax.tasks import task_class as get_task_class
   import tempfile
   mesh = parallel.make_mesh()
   config = make_config(task, size, dtype, batch, remat, scan, attention)
@@ -193,7 +193,7 @@ def kernel_kind(name: str) -> str:
 def print_kernel_table(profile_dir: str, steps: int, top: int = 20, hlo_text: str = "") -> None:
   """Device time per kernel from the newest trace in profile_dir (device planes only: on a CPU there is
   none and this prints that), grouped into matmul / attention / collective / other. With the compiled
-  module's HLO text, also each source op's measured time next to its roofline bound (hlo_roofline.py),
+  module's HLO text, also each source op's measured time next to its roofline bound (beitv2_jax/roofline.py),
   largest gap first: where the step loses time against what the hardware allows."""
   import glob
   from collections import Counter

@@ -316,10 +316,31 @@ def load_teacher(source: str, dtype=jnp.float32) -> Teacher:
   return Teacher(module, params, kind, dim, source)
 
 
+# The architecture of the teachers the recipes name (the fields of their transformers config.json that our
+# modules read), so that a teacher of the same shape can be built without downloading its weights:
+# beitv2_jax.aot compiles the tokenizer step offline with one (config.teacher="random" sized by these).
+TEACHER_ARCHITECTURES = {
+    "openai/clip-vit-base-patch16": dict(kind="clip", width=768, depth=12, heads=12, dim=512, patch_size=16,
+                                         image_size=224),
+    "facebook/dino-vitb16": dict(kind="dino", width=768, depth=12, heads=12, dim=768, patch_size=16,
+                                 image_size=224),
+}
+
+
 def random_teacher(image_size: int, patch_size: int, width: int = 64, depth: int = 2, heads: int = 2,
-                   dim: int = 32, seed: int = 0, dtype=jnp.float32) -> Teacher:
-  """A randomly initialised CLIP vision tower, for offline debugging only (its features carry no meaning)."""
-  module = CLIPVision(hidden_size=width, intermediate_size=4 * width, num_layers=depth, num_heads=heads,
-                      patch_size=patch_size, image_size=image_size, projection_dim=dim, dtype=dtype)
-  params = module.init(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))["params"]
-  return Teacher(module, params, "clip", dim, f"random CLIP (width {width}, depth {depth}, seed {seed})")
+                   dim: int = 32, seed: int = 0, dtype=jnp.float32, kind: str = "clip") -> Teacher:
+  """A randomly initialised teacher (a CLIP vision tower, or DINO's ViT with kind="dino"), for offline
+  debugging and compiling only: its features carry no meaning."""
+  if kind == "clip":
+    module = CLIPVision(hidden_size=width, intermediate_size=4 * width, num_layers=depth, num_heads=heads,
+                        patch_size=patch_size, image_size=image_size, projection_dim=dim, dtype=dtype)
+  elif kind == "dino":
+    if dim != width:
+      raise ValueError(f"a DINO teacher's features are its hidden states: dim={dim} must equal width={width}")
+    module = _dino_module(dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=depth,
+                               num_attention_heads=heads, patch_size=patch_size, image_size=image_size), dtype)
+  else:
+    raise ValueError(f"random teacher kind must be 'clip' or 'dino', got {kind!r}")
+  params = jax.jit(lambda k: module.init(k, jnp.zeros((1, image_size, image_size, 3)))["params"])(jax.random.key(seed))
+  name = "CLIP" if kind == "clip" else "DINO ViT"
+  return Teacher(module, params, kind, dim, f"random {name} (width {width}, depth {depth}, seed {seed})")

@@ -18,22 +18,15 @@ import flax.struct
 import jax
 import numpy as np
 
-from beitv2_jax import checkpoint, parallel
+from beitv2_jax import checkpoint, parallel, roofline
 from beitv2_jax.config_defaults import validate as validate_config
 from beitv2_jax.data import pipeline, sources
 from beitv2_jax.train.writer import MetricWriter
 
-# Dense bf16 peak FLOP/s per device (DESIGN.md), matched against jax's device_kind.
-PEAK_FLOPS = (("H100", 989e12), ("H200", 989e12), ("v6", 918e12), ("v5p", 459e12), ("v5 lite", 197e12),
-              ("v5e", 197e12), ("v4", 275e12), ("A100", 312e12))
-
 
 def device_peak_flops() -> Optional[float]:
-  kind = jax.devices()[0].device_kind
-  for name, peak in PEAK_FLOPS:
-    if name.lower() in kind.lower():
-      return peak
-  return None
+  """Dense bf16 peak FLOP/s of this run's devices (beitv2_jax/roofline.py's table), for MFU; None if unknown."""
+  return roofline.peak_flops(jax.devices()[0].device_kind)
 
 
 @flax.struct.dataclass
@@ -76,9 +69,14 @@ class Task:
   def train_step(self, state: TrainState, batch: dict, frozen: Any) -> tuple[TrainState, dict]:
     raise NotImplementedError
 
+  def initial_step(self) -> Optional[Callable]:
+    """The step function (train_step's signature) a run from scratch starts with when it differs from
+    train_step (the tokenizer's k-means codebook init), else None."""
+    return None
+
   def first_step(self, state: TrainState) -> Optional[Callable]:
-    """A step function (train_step's signature) for the first step of this run when `state` needs a
-    different one (the tokenizer's k-means codebook init), else None. Compiled and used once."""
+    """initial_step() when `state` still needs it (a fresh state, not a resumed or loaded one), else None.
+    Compiled and used once."""
     return None
 
   def evaluate(self, state: TrainState) -> dict:
@@ -154,6 +152,14 @@ def jit_step(step: Callable, state_shardings: Any, mesh) -> Callable:
                  out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
 
 
+def placement(task: Task, abstract_state: Any) -> tuple[Any, Any]:
+  """Where the loop puts the train state and the frozen inputs: their shardings over task.mesh (the task's
+  rules, else FSDP by size). beitv2_jax.aot compiles with the same."""
+  rules, min_size = task.state_rules(), task.config.mesh.get("fsdp_min_size", 1 << 16)
+  return (parallel.state_shardings(abstract_state, task.mesh, rules, min_size),
+          parallel.state_shardings(task.frozen, task.mesh, rules, min_size))
+
+
 def run(task: Task) -> tuple[TrainState, dict]:
   """Trains `task` to task.total_steps, resuming from task.workdir if it holds a checkpoint. Returns the
   final state and the last logged metrics merged with the last evaluation. One run per workdir: a second
@@ -177,7 +183,7 @@ def _run(task: Task) -> tuple[TrainState, dict]:
   # ---- Sharded init or restore -------------------------------------------------------------------
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(task.init_state, rng)
-  shardings = parallel.state_shardings(abstract, mesh, task.state_rules())
+  shardings, frozen_shardings = placement(task, abstract)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.get("keep_checkpoints", 3),
                                  keep_every=config.get("keep_every_steps", 0))
   run_info = {"task": task.name, "config": config.to_dict(), **task.model_info()}
@@ -197,7 +203,7 @@ def _run(task: Task) -> tuple[TrainState, dict]:
   checkpoint.write_json(os.path.join(workdir, "config.json"), run_info)
 
   # ---- Compiled step -----------------------------------------------------------------------------
-  frozen = jax.device_put(task.frozen, parallel.state_shardings(task.frozen, mesh, task.state_rules()))
+  frozen = jax.device_put(task.frozen, frozen_shardings)
   step_fn = jit_step(task.train_step, shardings, mesh)
   first = task.first_step(state)
   first_fn = jit_step(first, shardings, mesh) if first is not None else None
@@ -332,9 +338,10 @@ def validate(config, mesh=None) -> None:
   validate_config(config)
   if mesh is not None:
     n = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
-    if config.batch_size % n or config.batch_size % jax.process_count():
+    hosts = parallel.process_count(mesh.devices.flat)
+    if config.batch_size % n or config.batch_size % hosts:
       raise ValueError(f"batch_size={config.batch_size} does not split evenly over the {n} devices of the batch "
-                       f"axes ({dict(mesh.shape)}) and {jax.process_count()} process(es): use a multiple of {n}")
+                       f"axes ({dict(mesh.shape)}) and {hosts} process(es): use a multiple of {n}")
 
 
 # Model fields that may change between a checkpoint and the run resuming from it: how the same math runs.

@@ -63,19 +63,38 @@ def load_or_train_tokenizer(config, workdir: str) -> api.Model:
 
 
 def random_tokenizer(config) -> api.Model:
-  """A randomly initialised VQ-KD of the student's size (its codes mean nothing): benchmarks and smoke tests."""
+  """A randomly initialised VQ-KD (its codes mean nothing), for benchmarks, smoke tests and compiling
+  offline: of config.tokenizer's architecture when the config has one, else of the student's size with a
+  1-block decoder."""
   from beitv2_jax.train.tokenizer import vqkd_kwargs
-  m = config.model
-  tm = dict(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
-            num_heads=m.num_heads, decoder_embed_dim=m.embed_dim, decoder_depth=1, decoder_num_heads=m.num_heads,
-            codebook_size=config.get("vocab_size", 8192), codebook_dim=32)
   import ml_collections
-  kwargs = vqkd_kwargs(ml_collections.ConfigDict(tm), 512)
+  tok = config.get("tokenizer", None)
+  if tok is not None:
+    tm, teacher_dim = tok.model, tok.model.get("teacher_dim", 0) or _teacher_dim(tok)
+  else:
+    m = config.model
+    tm = ml_collections.ConfigDict(dict(
+        img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
+        decoder_embed_dim=m.embed_dim, decoder_depth=1, decoder_num_heads=m.num_heads,
+        codebook_size=config.get("vocab_size", 8192), codebook_dim=32))
+    teacher_dim = 512
+  kwargs = vqkd_kwargs(tm, teacher_dim)
   module = VQKD(**kwargs, dtype=dtype_of(config.get("tokenizer_dtype", "float32")))
-  s = m.img_size
+  s = tm.img_size
   params = jax.jit(lambda k: module.init(k, jnp.zeros((1, s, s, 3)))["params"])(jax.random.key(0))
-  codebook = quantizer.new_codebook(jax.random.key(1), tm["codebook_size"], 32).embedding
+  codebook = quantizer.new_codebook(jax.random.key(1), tm.codebook_size, tm.codebook_dim).embedding
   return api.Model("tokenizer", module, params, kwargs, np.asarray(codebook), "random")
+
+
+def _teacher_dim(tok_config) -> int:
+  """The feature dim of the teacher a tokenizer config names, without loading it."""
+  from beitv2_jax.models.teacher import TEACHER_ARCHITECTURES
+  if tok_config.teacher == "random":
+    return tok_config.random_teacher.dim
+  if tok_config.teacher in TEACHER_ARCHITECTURES:
+    return TEACHER_ARCHITECTURES[tok_config.teacher]["dim"]
+  raise ValueError(f"the feature dim of teacher {tok_config.teacher!r} is unknown here: set "
+                   "config.tokenizer.model.teacher_dim")
 
 
 class PretrainTask(Task):

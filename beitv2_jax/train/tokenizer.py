@@ -36,14 +36,14 @@ def vqkd_kwargs(m, teacher_dim: int) -> dict:
 
 
 def build_teacher(config) -> teacher_lib.Teacher:
-  """config.teacher: 'random' (an offline random CLIP, config.random_teacher sizes it), a hub id such
-  as openai/clip-vit-base-patch16, or a local transformers folder."""
+  """config.teacher: 'random' (an offline random CLIP, or DINO ViT with kind='dino'; config.random_teacher
+  sizes it), a hub id such as openai/clip-vit-base-patch16, or a local transformers folder."""
   m = config.model
   dtype = dtype_of(config.get("teacher_dtype", "float32"))
   if config.teacher == "random":
     r = config.random_teacher
     t = teacher_lib.random_teacher(m.img_size, m.patch_size, r.width, r.depth, r.heads, r.dim, seed=r.seed,
-                                   dtype=dtype)
+                                   dtype=dtype, kind=r.get("kind", "clip"))
     logging.warning("teacher: %s -- its features carry no meaning; use a real CLIP for real tokenizers", t.source)
     return t
   t = teacher_lib.load_teacher(config.teacher, dtype=dtype)
@@ -117,12 +117,15 @@ class TokenizerTask(Task):
   def model_info(self):
     return {"kind": "tokenizer", "model": self.kwargs, "teacher": self.teacher.source}
 
+  def initial_step(self):
+    """With `kmeans_init` (official), the first step runs k-means on the batch's encodings first."""
+    return functools.partial(self._step, kmeans=True) if self.config.model.kmeans_init else None
+
   def first_step(self, state: TrainState):
-    """The first step of a run whose codebook still needs its k-means init: the same step with k-means on
-    the batch's encodings first (official `kmeans_init`). Loaded and resumed codebooks are initted."""
+    """initial_step while the codebook still needs its k-means init; loaded and resumed codebooks are initted."""
     if bool(np.asarray(state.extra.initted.addressable_data(0))):
       return None
-    return functools.partial(self._step, kmeans=True)
+    return self.initial_step()
 
   def train_step(self, state: TrainState, batch: dict, teacher_params):
     return self._step(state, batch, teacher_params, kmeans=False)
