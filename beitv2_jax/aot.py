@@ -447,7 +447,8 @@ def report(config, config_name: str, tgt: Target, notes: list[str], task, result
     print(f"  stand-in: {line}")
   print(f"  mesh data={mesh['data']} x fsdp={mesh['fsdp']}; global batch {config.batch_size} = "
         f"{config.batch_size // chips} per chip; remat {config.model.get('remat', 'none')}")
-  row = dict(config=config_name, target=tgt.name, chips=chips, hosts=tgt.hosts, fsdp=mesh["fsdp"],
+  row = dict(config=config_name, target=tgt.name, device_kind=tgt.device_kind, chips=chips, hosts=tgt.hosts,
+             fsdp=mesh["fsdp"],
              batch=config.batch_size, remat=config.model.get("remat", "none"), compiled=result.compiled,
              fits=result.fits, gib_per_chip=round(result.needed_bytes / GiB, 2),
              hbm_gib=round(result.capacity_bytes / GiB, 2), compile_s=round(result.compile_s, 1))
@@ -475,7 +476,8 @@ def report(config, config_name: str, tgt: Target, notes: list[str], task, result
     mfu = result.model_flops / (ms * 1e-3) / (machine.peak_tflops * 1e12)
     print(f"  roofline ({machine.name}: {machine.peak_tflops:.0f} TFLOP/s bf16, {machine.hbm_tbps} TB/s HBM; "
           f"matmuls at {machine.matmul_efficiency:.0%}, memory at {machine.memory_efficiency:.0%}): step >= "
-          f"{ms:.1f} ms, <= {img_s:,.0f} img/s, MFU <= {mfu:.1%} (collectives charged at HBM speed, not ICI)")
+          f"{ms:.1f} ms, <= {img_s:,.0f} img/s, MFU <= {mfu:.1%} (asynchronous copies and collectives overlap: "
+          "not charged; synchronous collectives at HBM speed)")
     row.update(roofline_ms=round(ms, 2), roofline_img_s=round(img_s), roofline_mfu=round(mfu, 4))
     if top:
       print(f"    {'category':24s} {'kernels':>7s} {'TFLOP':>7s} {'GB':>7s} {'ms':>7s} {'share':>6s}")
@@ -528,7 +530,7 @@ def main(argv):
   rows = [report(work, config_name, tgt, notes, task, result, FLAGS.top)]
   if FLAGS.dump and result.hlo_text:
     os.makedirs(FLAGS.dump, exist_ok=True)
-    path = os.path.join(FLAGS.dump, re.sub(r"[^\w.=-]+", "_", f"{config_name}_{tgt.name}") + ".hlo")
+    path = os.path.join(FLAGS.dump, dump_name(config_name, tgt.name))
     with open(path, "w") as f:
       f.write(result.hlo_text)
   if result.compiled and not result.fits:
@@ -554,6 +556,11 @@ def main(argv):
       for row in rows:
         f.write(json.dumps(row) + "\n")
   sys.exit(0 if result.fits else (3 if result.compiled else 1))
+
+
+def dump_name(config_name: str, target_name: str) -> str:
+  """The file --dump writes a compiled step's HLO text to."""
+  return re.sub(r"[^\w.=-]+", "_", f"{config_name}_{target_name}") + ".hlo"
 
 
 def _config_name() -> str:

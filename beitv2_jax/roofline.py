@@ -23,10 +23,16 @@ DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16"
 _ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([0-9,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+([a-z][a-z0-9\-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
-# Instructions that launch nothing: aliases, tuples, constants; and asynchronous copies (a TPU's prefetches
-# between memory spaces), which overlap the kernels around them.
+# Instructions that launch nothing: aliases, tuples, constants.
 _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
-              "replica-id", "opt-barrier", "add-dependency", "copy-start", "copy-done"}
+              "replica-id", "opt-barrier", "add-dependency"}
+
+
+def _asynchronous(op: str) -> bool:
+  """An asynchronous op's halves (copy-start / copy-done, a TPU's slice-start / slice-done between memory
+  spaces, all-reduce-start / -done ...): it runs beside the kernels around it, so the lower bound charges it
+  nothing."""
+  return op.endswith(("-start", "-done"))
 
 
 @dataclasses.dataclass
@@ -117,7 +123,7 @@ def _kernels(computations, name) -> Iterator[tuple[Instr, dict]]:
   instrs = computations[name]
   shapes = {i.name: i.shape for i in instrs}
   for i in instrs:
-    if i.op in _NO_KERNEL:
+    if i.op in _NO_KERNEL or _asynchronous(i.op):
       continue
     if i.op == "call":  # command buffers and outlined calls: their body's kernels run
       yield from _kernels(computations, i.attr(r"(?:to_apply|calls)=%([\w.\-]+)"))

@@ -56,13 +56,29 @@ def run(rows: list[int], out: str):
     print(r.stdout + r.stderr[-2000:] + f"[{i}] exit {r.returncode} after {time.time() - t0:.0f} s\n", flush=True)
 
 
+# The device kind of each generation (what jax reports), for rows written before the rows carried it.
+DEVICE_KINDS = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
+
+
 def render(path: str) -> str:
-  """The markdown table of a JSON-lines file the rows wrote (the last row of each recipe and slice)."""
+  """The markdown table of a JSON-lines file the rows wrote (the last row of each recipe and slice). Where
+  the compiled module was dumped beside it, the roofline is read again from it (with the current
+  beitv2_jax/roofline.py)."""
+  sys.path.insert(0, ROOT)
+  from beitv2_jax import aot, roofline
   rows = {}
   with open(path) as f:
     for line in f:
       r = json.loads(line)
       rows[(r["config"], r["target"], r["fsdp"], r["remat"])] = r
+  for r in rows.values():
+    hlo = os.path.join(os.path.dirname(os.path.abspath(path)), "hlo", aot.dump_name(r["config"], r["target"]))
+    kind = r.get("device_kind") or DEVICE_KINDS[r["target"][4:].split("-")[0]]
+    if os.path.exists(hlo) and r.get("model_tflop"):
+      with open(hlo) as f:
+        ms = sum(k.ms for k in roofline.kernels(f.read(), roofline.machine_for(kind)))
+      r["roofline_ms"] = ms
+      r["roofline_mfu"] = r["model_tflop"] * 1e12 / (ms * 1e-3) / (roofline.machine_for(kind).peak_tflops * 1e12)
   lines = ["| recipe | slice | chips (hosts) | batch / chip | fsdp, remat | compiles | GiB per chip (of) | fits "
            "| XLA / model FLOPs | roofline step | MFU bound | compile |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
