@@ -24,3 +24,7 @@ if not _cache:  # a fresh cache per session, removed at its end
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# The runs tests start as subprocesses (SIGTERM / SIGKILL, multi-host, the CLI) share it: a rerun of the same
+# config on the same devices skips XLA.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
