@@ -192,3 +192,19 @@ def test_metrics_rows_and_bad_image_count_continue_exactly_across_a_resume(tmp_p
   ref = [m for m in read_metrics(full) if "loss" in m]
   assert [m["bad_images"] for m in rows] == [m["bad_images"] for m in ref]
   assert ref[-1]["bad_images"] > 0  # the broken JPEG was drawn, so the count means something
+
+
+def test_retention_keeps_the_last_n_and_every_kth_and_the_survivors_restore(tmp_path):
+  """keep_checkpoints=2, keep_every_steps=4 over steps 1..10 (README: "the last keep_checkpoints plus every
+  keep_every_steps-th are kept"): 4, 8, 9 and 10 remain, each restoring its own values."""
+  import jax
+  import jax.numpy as jnp
+  ck = checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=2, keep_every=4, async_save=False)
+  for step in range(1, 11):
+    ck.save(step, {"w": jnp.full((3,), float(step))})
+  ck.wait()
+  assert ck.all_steps() == [4, 8, 9, 10]
+  abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  for step in (4, 8, 9, 10):
+    assert float(ck.restore(step, abstract)["w"][0]) == step
+  ck.close()
