@@ -133,6 +133,30 @@ def test_roofline_of_the_tiny_finetune_step_matches_the_model_flop_count():
   per_image = sum(k.flops for k in ks) / (8 / built.mesh.devices.size)  # the module is one device's share
   assert per_image == pytest.approx(built.task.flops_per_example, rel=0.1)
   assert {r["category"] for r in hlo_roofline.by_category(ks)} >= {"matmul", "elementwise fusion"}
+  # docs/deviations.md: the mixup / cutmix Beta draws are loop-free, so the step lowered for a GPU has no
+  # while loop (each iteration would wait for the host); mixup is on, so its sampler is inside. (On the CPU,
+  # jax lowers its own threefry random bits with rolled loops; for a GPU it does not.)
+  assert built.config.aug.mixup > 0
+  assert _gpu_control_flow(built.step, built.state_abs, batch, built.frozen) == set()
+
+
+def _gpu_control_flow(step, *args) -> set:
+  """The control-flow ops of `step` lowered for an NVIDIA GPU (no GPU needed to lower)."""
+  text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  return {op for op in ("stablehlo.while", "stablehlo.case", "stablehlo.if") if op in text}
+
+
+def test_later_tokenizer_steps_have_no_conditional_or_loop_on_a_gpu():
+  """docs/deviations.md: k-means runs in a separate first step; the step every later iteration runs, lowered
+  for a GPU, has no conditional and no while loop, and the first step does run k-means (its loop)."""
+  import jax
+  import train_step
+  from beitv2_jax.train.loop import jit_step
+  built = train_step._build("tokenizer", "tiny", "float32", 16, "none", False, "xla")
+  batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), built.host_batch)
+  assert _gpu_control_flow(built.step, built.state_abs, batch, built.frozen) == set()
+  first = jit_step(built.task.initial_step(), built.shardings, built.mesh)
+  assert "stablehlo.while" in _gpu_control_flow(first, built.state_abs, batch, built.frozen)
 
 
 # --- the PyTorch peer of the MIM step (benchmarks/torch_mim.py) ------------------------------------------
