@@ -57,6 +57,14 @@ def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(m)
 
 
+def set_dotted(c: ml_collections.ConfigDict, key: str, value) -> None:
+  """c["a.b.c"] = value for a dotted key, as --config.a.b.c=value sets it."""
+  *head, last = key.split(".")
+  for name in head:
+    c = c[name]
+  c[last] = value
+
+
 def recipe_args(arg: str, allowed: dict, recipe: str) -> dict:
   """A recipe's `--config=configs/x.py:k=v,k2=v2` argument as a dict over `allowed` (name -> default),
   each value cast to its default's type. Unknown names and malformed parts are refused, never ignored."""

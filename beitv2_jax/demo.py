@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from beitv2_jax import api, checkpoint, parallel
+from beitv2_jax.config_defaults import set_dotted
 from beitv2_jax.data import sources, transforms
 from beitv2_jax.train import knn as knn_lib
 from beitv2_jax.train import loop
@@ -30,11 +31,7 @@ def _stage(config, updates: dict):
   c = copy.deepcopy(config)
   with c.unlocked():
     for k, v in updates.items():
-      node = c
-      *head, last = k.split(".")
-      for h in head:
-        node = node[h]
-      node[last] = v
+      set_dotted(c, k, v)
   return c
 
 

@@ -5,6 +5,8 @@ import os
 import jax
 import numpy as np
 
+from beitv2_jax.config_defaults import set_dotted
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DIR = os.environ.get("BEITV2_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 
@@ -41,15 +43,8 @@ def _short_run(c, steps, batch, overrides):
   c.checkpoint_every_steps = 4
   c.data.read_threads = 0
   for k, v in overrides.items():
-    _set(c, k, v)
+    set_dotted(c, k, v)
   return c
-
-
-def _set(c, dotted, v):
-  *head, last = dotted.split(".")
-  for h in head:
-    c = c[h]
-  c[last] = v
 
 
 def params_of(workdir, step=None):

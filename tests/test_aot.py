@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from beitv2_jax.config_defaults import set_dotted
 from helpers import ROOT, load_config
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -21,11 +22,7 @@ from beitv2_jax import aot, roofline  # noqa: E402  (aot sets the environment li
 def _tiny(name, **overrides):
   c = load_config(name)
   for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+    set_dotted(c, k, v)
   return c
 
 
