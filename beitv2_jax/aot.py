@@ -494,13 +494,16 @@ def report(config, config_name: str, tgt: Target, notes: list[str], task, result
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).", lock_config=False)
-flags.DEFINE_string("target", None, "tpu:<slice> (v4-32, v5p-64, v5e-256, v6e-64 ...), tpu:<topology> (v4:2x2x4), "
-                    "gpu:h100 or gpu:h200")
-flags.DEFINE_bool("max_batch", False, "Also find the largest per-chip batch that fits, without and with remat.")
-flags.DEFINE_integer("top", 0, "List the roofline's categories and this many source ops by roofline time.")
-flags.DEFINE_string("json", "", "Append the result row(s) as JSON lines to this file.")
-flags.DEFINE_string("dump", "", "Write the compiled train step's HLO text into this folder.")
+def define_flags():
+  """The command line's flags; defined only when it runs (`--config` is main's flag name too, and a process
+  may import both modules)."""
+  config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).", lock_config=False)
+  flags.DEFINE_string("target", None, "tpu:<slice> (v4-32, v5p-64, v5e-256, v6e-64 ...), tpu:<topology> "
+                      "(v4:2x2x4), gpu:h100 or gpu:h200")
+  flags.DEFINE_bool("max_batch", False, "Also find the largest per-chip batch that fits, without and with remat.")
+  flags.DEFINE_integer("top", 0, "List the roofline's categories and this many source ops by roofline time.")
+  flags.DEFINE_string("json", "", "Append the result row(s) as JSON lines to this file.")
+  flags.DEFINE_string("dump", "", "Write the compiled train step's HLO text into this folder.")
 
 
 def main(argv):
@@ -576,4 +579,5 @@ def _exit(code: int, line: str):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=parse_flags)
