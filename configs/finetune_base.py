@@ -3,7 +3,8 @@
 Run:  python -m beitv2_jax.main --config=configs/finetune_base.py:pt1600 --workdir=$WORKDIR \
           --config.init_from=/path/to/beitv2_base_patch16_224_pt1k.pth     (or our pretrain workdir)
 Args: pt300 (from 300-epoch pretraining), pt1600 (default), ft21k (after 21k intermediate fine-tuning).
-Sized for: 8x V100 officially (batch 1024 = 128 x 8); 8 GPUs or a v4-8 / v5e-8 here.
+Sized for: 8x V100 officially (batch 1024 = 128 x 8); 8 GPUs here, or a TPU v4-8 (4 chips, 256 per chip:
+28.6 of 30.75 GiB, close to the limit; compiled by `python -m beitv2_jax.aot`, benchmarks/RESULTS.md).
 Expected top-1: pt300 85.0, pt1600 85.5, ft21k 86.5 (official eval log 86.458).
 """
 from beitv2_jax.config_defaults import base, vit_model

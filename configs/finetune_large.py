@@ -2,7 +2,7 @@
 
 Run:  python -m beitv2_jax.main --config=configs/finetune_large.py:pt1600 --workdir=$WORKDIR --config.init_from=...
 Args: pt300, pt1600 (default), ft21k.  Sized for: 8x V100 officially (1024 = 64 x 8 x 2 accumulation);
-a v4-16 / 8+ GPUs here (`--config.mesh.fsdp=8` if memory is short).
+8+ GPUs here, or a TPU v4-16 (8 chips, 128 per chip: 29.1 of 30.75 GiB; `python -m beitv2_jax.aot`).
 Expected top-1: pt300 86.6, pt1600 87.3, ft21k 88.4 (official eval log 88.370).
 """
 import os

@@ -7,7 +7,8 @@ cosine, RandomResizedCrop + flip; eval Resize(256) + CenterCrop(224). Options: `
 `probe.layer=k` (block k, 1-based), `probe.batchnorm=False`.
 
 Run:  python -m beitv2_jax.main --config=configs/linprobe_base.py --workdir=$WORKDIR --config.init_from=...
-Sized for: 8 GPUs / one TPU host. Paper: 80.1 (ViT-B/16, 1600 ep) [protocol unverified].
+Sized for: 8 GPUs / one TPU host (a v4-8: 1.5 GiB per chip, `python -m beitv2_jax.aot`). Paper: 80.1
+(ViT-B/16, 1600 ep) [protocol unverified].
 """
 from beitv2_jax.config_defaults import base, recipe_args, vit_model
 

@@ -4,7 +4,9 @@ Run (ImageNet via tfds, a trained tokenizer; see README):
   python -m beitv2_jax.main --config=configs/pretrain_base.py:epochs=1600 --workdir=$WORKDIR \
       --config.tokenizer_path=/path/to/vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth
 Arg: epochs=300 (default; betas (0.9, 0.98), drop path 0) or epochs=1600 (betas (0.9, 0.999), drop path 0.1).
-Sized for: 16x V100-32GB officially (batch 128/GPU = 2048); e.g. a TPU v4-32 / v5p-32 or 16 GPUs here.
+Sized for: 16x V100-32GB officially (batch 128/GPU = 2048). Here 16 GPUs, or a TPU v4-32 (16 chips, 128 per
+chip: 19.1 of 30.75 GiB), v5p-32 (19.2 of 95.7), v5e-64 or v6e-64 (64 chips, 32 per chip: 5.8 GiB), each
+compiled for that slice by `python -m beitv2_jax.aot` (benchmarks/RESULTS.md, "Cloud TPU slices").
 Expected after fine-tuning (configs/finetune_base.py): 85.0 (300 ep) / 85.5 (1600 ep) ImageNet top-1;
 80.1 linear probe (1600 ep, paper abstract).
 Labels' precision (`tokenizer_dtype`): the frozen tokenizer's matmuls run in bfloat16 (its LayerNorms,

@@ -4,7 +4,8 @@ Run (8 GPUs or a v4-8 / v5e-8; ImageNet prepared with tfds, see README):
   python -m beitv2_jax.main --config=configs/tokenizer_base.py --workdir=$WORKDIR
 Variants: `configs/tokenizer_base.py:decoder_depth=1` (the 1x768x12 tokenizer),
           `--config.teacher=facebook/dino-vitb16` (the DINO teacher; decoder output 768).
-Sized for: 8x V100-32GB in the official run (batch 64/GPU); one 8-chip TPU host or 8 GPUs here.
+Sized for: 8x V100-32GB in the official run (batch 64/GPU); 8 GPUs here, or a TPU v4-8 (4 chips, 128 per
+chip: 19.7 of 30.75 GiB, compiled by `python -m beitv2_jax.aot`; benchmarks/RESULTS.md, "Cloud TPU slices").
 Expected (TOKENIZER.md): codebook usage 97% (3-layer decoder) / 100% (1-layer); the tokenizer then gives
 85.0 (300 ep) / 85.5 (1600 ep) ImageNet fine-tune top-1 after BEiT v2 pretraining of ViT-B/16.
 Precision: encoder, decoder and teacher matmuls in bfloat16 (LayerNorms, softmax, the residual stream,

@@ -143,22 +143,6 @@ def test_slice_names_map_to_the_topologies_google_lists():
       assert int(np.prod([int(d) for d in shape.split("x")])) == chips, (g, shape)
 
 
-@needs_libtpu
-def test_max_batch_finds_a_per_chip_batch_that_fits_and_fills_the_chip():
-  """One v5e chip (15.75 GiB), the tiny MIM step from 65536 images per chip, which the compiler refuses (as
-  it does half of it, quickly): the line through the two sizes it reports predicts the largest batch, and
-  the search returns a multiple of 8 that compiles, fits and uses most of the chip (a search that stops
-  short, or one that returns a batch that does not fit, fails)."""
-  tgt = aot.target("tpu:v5e-1")
-  c = _tiny("pretrain_tiny", batch_size=65536)
-  config_dir = os.path.join(ROOT, "configs")
-  _, first = aot.try_config(c, config_dir, tgt)
-  assert not first.fits and first.needed_bytes > 2 * tgt.memory_bytes  # the compiler's refusal, read
-  best, r = aot.max_batch(c, config_dir, tgt, first, "none")
-  assert best % 8 == 0 and 4096 < best < 32768, best
-  assert r.fits and r.needed_bytes > 0.8 * tgt.memory_bytes, (best, r.needed_bytes / 2**30)
-
-
 def test_max_batch_search_stops_at_the_limit_on_real_compiles():
   """The search against real compiled memory: the tiny MIM step compiled for one CPU device (seconds per
   compile; a TPU's near its limit take minutes) given a 300 MiB memory. It returns a multiple of 8 that fits,
