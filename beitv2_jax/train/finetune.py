@@ -279,6 +279,10 @@ class LinearProbeTask(_ClassifierTask):
     dim = jax.eval_shape(self.feature, enc_params, jnp.zeros((1, s, s, 3))).shape[-1]
     self.dim = dim
     self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(0.01))
+    # the frozen encoder runs forward only (up to the probed block); the head forward and backward
+    patch, width, depth, mlp_ratio = _encoder_shape(self.encoder)
+    self.flops_per_example = (flops.vit_forward_flops(s, patch, width, depth if p.layer == -1 else p.layer, mlp_ratio)
+                              + 3 * flops.linear_flops(1, dim, self.num_classes))
 
   def train_transform(self):
     return transforms.TokenizerTrain(self.config.model.img_size)  # RandomResizedCrop + flip
@@ -327,6 +331,15 @@ class LinearProbeTask(_ClassifierTask):
     params, opt_state, opt_metrics = self.apply_gradients(state, grads)
     metrics = {"loss": loss, "train_acc": jnp.mean(jnp.argmax(logits, -1) == labels), **opt_metrics}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra), metrics
+
+
+def _encoder_shape(model: api.Model) -> tuple[int, int, int, float]:
+  """(patch size, width, depth, mlp ratio) of a loaded model's encoder, whatever its kind."""
+  if model.kind in ("tokenizer", "mim"):
+    e = model.module.encoder if model.kind == "tokenizer" else model.module.backbone
+    return e["patch_size"], e["embed_dim"], e["depth"], e.get("mlp_ratio", 4.0)
+  v = model.module
+  return v.patch_size, v.embed_dim, v.depth, v.mlp_ratio
 
 
 def load_encoder(config) -> api.Model:
