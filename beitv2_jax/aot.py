@@ -47,7 +47,7 @@ import re  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from typing import Any, Optional  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -55,6 +55,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from beitv2_jax import parallel, roofline  # noqa: E402
+from beitv2_jax.config_defaults import load_config_file  # noqa: E402
 from beitv2_jax.errors import one_line, parse_flags  # noqa: E402
 
 GiB = 2**30
@@ -252,16 +253,6 @@ def stand_ins(config, config_dir: str) -> list[str]:
   return notes
 
 
-def load_config_file(path: str, arg: str = ""):
-  """get_config(arg) of a recipe file."""
-  spec = importlib.util.spec_from_file_location(f"aot_config_{os.path.basename(path)[:-3]}", path)
-  if spec is None or not os.path.exists(path):
-    raise FileNotFoundError(f"config file not found: {path}")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def build_task(config, devices):
   """The task over a mesh of `devices` as main.run builds it, checked as the loop checks it."""
   from beitv2_jax.tasks import task_class
@@ -313,7 +304,8 @@ def compile_task(task, tgt: Target, keep_text: bool = False) -> Result:
   place = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s), tree, sh)
   state, frozen, batch = place(abstract, shardings), place(task.frozen, frozen_shardings), batch_spec(task)
   capacity = tgt.memory_bytes
-  steps = [task.train_step] + ([task.initial_step()] if task.initial_step() is not None else [])
+  initial = task.initial_step()
+  steps = [task.train_step] + ([initial] if initial is not None else [])
   result = Result(compiled=True, capacity_bytes=capacity)
   n = len(tgt.devices)
   result.model_flops = task.flops_per_example * task.config.batch_size / n

@@ -57,6 +57,18 @@ def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(m)
 
 
+def load_config_file(path: str, arg: str = "") -> ml_collections.ConfigDict:
+  """get_config(arg) of a recipe file (configs/*.py), loaded by path."""
+  import importlib.util
+  import os
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"recipe_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def set_dotted(c: ml_collections.ConfigDict, key: str, value) -> None:
   """c["a.b.c"] = value for a dotted key, as --config.a.b.c=value sets it."""
   *head, last = key.split(".")

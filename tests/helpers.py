@@ -1,21 +1,17 @@
 """Small, fast configs for the tests (real code paths, tiny sizes)."""
-import importlib.util
 import os
 
 import jax
 import numpy as np
 
-from beitv2_jax.config_defaults import set_dotted
+from beitv2_jax.config_defaults import load_config_file, set_dotted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DIR = os.environ.get("BEITV2_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 
 
 def load_config(name, arg=""):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return load_config_file(os.path.join(ROOT, "configs", f"{name}.py"), arg)
 
 
 def tokenizer_config(steps=8, batch=16, **kw):
