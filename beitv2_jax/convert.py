@@ -1,4 +1,4 @@
-"""Official / timm PyTorch state dicts <-> our Flax parameter trees (spec §6).
+"""Official / timm PyTorch state dicts <-> our Flax parameter trees (official key layout: unilm/beit2 checkpoints, timm beitv2_*).
 
 Our parameter paths mirror the official keys, so one rule maps both ways:
   `blocks_3/attn/qkv/kernel` <-> `blocks.3.attn.qkv.weight` (transposed), `norm1/scale` <-> `norm1.weight`,
@@ -300,7 +300,7 @@ def _is_scanned(tree) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# Official-checkpoint surgery (spec §4.1 / §6)
+# Official-checkpoint surgery (as the official run_class_finetuning.py loads a pretraining checkpoint)
 # ------------------------------------------------------------------------------------------------
 def broadcast_shared_rel_pos(sd: Mapping[str, np.ndarray], depth: int) -> dict[str, np.ndarray]:
   """A pretraining checkpoint's shared `rel_pos_bias.relative_position_bias_table` copied into every
