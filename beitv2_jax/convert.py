@@ -1,4 +1,4 @@
-"""Official / timm PyTorch state dicts <-> our Flax parameter trees (official key layout: unilm/beit2 checkpoints, timm beitv2_*).
+"""Official / timm PyTorch state dicts <-> our Flax parameter trees (the unilm beit2 and timm key layouts).
 
 Our parameter paths mirror the official keys, so one rule maps both ways:
   `blocks_3/attn/qkv/kernel` <-> `blocks.3.attn.qkv.weight` (transposed), `norm1/scale` <-> `norm1.weight`,
