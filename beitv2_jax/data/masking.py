@@ -1,4 +1,4 @@
-"""Block-wise masking of BEiT v2 (`MaskingGenerator` of the official masking_generator.py), with the exact count of v2.
+"""Block-wise masking of BEiT v2 (the official `MaskingGenerator`), with the exact count of v2.
 
 Randomness comes from a `np.random.Generator` that grain seeds per example, so a resumed run regenerates
 the same masks. At 224/16 (14x14) the official setting is 75 masked patches, blocks of >= 16 patches with
