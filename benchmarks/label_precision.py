@@ -45,8 +45,7 @@ from beitv2_jax.models import quantizer  # noqa: E402
 from beitv2_jax.models.vqkd import VQKD  # noqa: E402
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
-SHARED_DIR = os.environ.get("BEITV2_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
-DEMO_IMAGE = os.path.join(SHARED_DIR, "testdata", "official_demo", "ILSVRC2012_val_00031649.JPEG")
+DEMO_IMAGE = os.path.join(ROOT, "tests", "data", "official_demo", "ILSVRC2012_val_00031649.JPEG")
 # Label sets: "<dtype>" is the encoder executed in that dtype with our float32 code search; the suffixes
 # change only the search, on the same z: "+search16" the official one under fp16 autocast (see above),
 # "+tf32" / "+bf16" a float32 search at JAX's default matmul precision on recent GPUs (inputs rounded

@@ -8,7 +8,7 @@ import pytest
 import beitv2_jax
 from beitv2_jax import main as entry
 from beitv2_jax.train.writer import read_metrics
-from helpers import SHARED_DIR, load_config, tokenizer_config
+from helpers import ROOT, load_config, tokenizer_config
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +65,12 @@ def test_released_tokenizer_reproduces_the_official_demo_ids():
     pytest.skip("BEITV2_VQKD_1X768_CLIP does not point at the released 1x768x12 CLIP tokenizer (never "
                 "downloaded in CI): the official-ids comparison cannot run")
   from PIL import Image
-  demo = os.path.join(SHARED_DIR, "testdata", "official_demo")
+  demo = os.path.join(ROOT, "tests", "data", "official_demo")
   im = Image.open(os.path.join(demo, "ILSVRC2012_val_00031649.JPEG")).convert("RGB")
   from beitv2_jax.data.transforms import resize_center_crop
   x = np.asarray(resize_center_crop(im, 224), np.float32)[None] / 255.0
   with open(os.path.join(demo, "tokens_vqkd_1x768x12_clip.json")) as f:
-    ref = np.asarray(json.load(f)).reshape(-1)
+    ref = np.asarray(json.load(f)["tokens_raster_order_14x14"]).reshape(-1)
   ids = np.asarray(beitv2_jax.load(path).encode(x)).reshape(-1)
   assert np.mean(ids == ref) >= 0.95
 
