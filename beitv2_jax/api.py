@@ -1,13 +1,19 @@
 """`beitv2_jax.load`: one call for every checkpoint kind the project knows.
 
   m = beitv2_jax.load(path, **overrides)
-  m.kind                       # "classifier" | "mim" | "tokenizer"
+  m.kind                       # "classifier" | "mim" | "tokenizer" | "linprobe"
   m.module, m.params, m.config
   logits = m(images)           # classifier: float32 NHWC, ImageNet-normalised -> (B, num_classes)
   main, agg = m(images, mask)  # mim: mask bool (B, N) row-major -> each (B, M, vocab) at masked positions
   ids = m.encode(images01)     # tokenizer: float32 NHWC in [0, 1] -> int32 (B, N) row-major
   feats = m.decode(ids)        # tokenizer: -> (B, N, teacher_dim) reconstructed teacher features
   feats = m.features(images)   # any kind: the encoder's image features (see `features`)
+  logits = m(images)           # linprobe (a linear-probe workdir): its encoder's features -> BatchNorm -> head;
+                               # images as its encoder's `features` takes them
+
+A linear-probe workdir stores the head and the BatchNorm statistics, not the frozen encoder: `load` reads
+the encoder again from where the run read it (config.json's "encoder"; `load(path, encoder=...)` when it
+has moved), or rebuilds the random-init baseline from the run's seed.
 
 `path` may be: our workdir or checkpoint folder (what `python -m beitv2_jax.main` writes, or
 `python -m beitv2_jax.convert`), an official .pth (tokenizer `vqkd_*.pth`, pretraining `*_pt1k*.pth`,
@@ -67,6 +73,10 @@ class Model:
   def __call__(self, images, mask=None):
     if self.kind == "tokenizer":
       raise TypeError("a tokenizer is called with m.encode(images01) / m.decode(ids)")
+    if self.kind == "linprobe":
+      probe = self.module
+      feats = probe.encoder.features(images, probe.layer, probe.pool)
+      return probe_logits(self.params, feats, probe.batchnorm)
     images = jnp.asarray(check_normalised_images(images, self.img_size), jnp.float32)
     if self.kind == "classifier":
       return _jit_apply(self.module)(self.params, images)["logits"]
@@ -94,6 +104,8 @@ class Model:
     aggregation trains), or the mean of the patch tokens (pool='mean'), at `layer` (-1: last block;
     k: the output of block k, 1-based, still through the final norm). Tokenizer: its encoder, images in
     [0, 1] (the tokenizer's own convention); other kinds take ImageNet-normalised images."""
+    if self.kind == "linprobe":
+      return self.module.encoder.features(images, layer, pool)
     if self.kind == "tokenizer":
       images = check_unit_images(images, self.img_size)
     else:
@@ -112,6 +124,8 @@ class Model:
     return enc["img_size"] // enc["patch_size"]
 
   def _encoder_config(self) -> dict:
+    if self.kind == "linprobe":
+      return self.module.encoder._encoder_config()
     if self.kind == "tokenizer":
       return self.module.encoder
     if self.kind == "mim":
@@ -121,6 +135,29 @@ class Model:
   def _need(self, kind):
     if self.kind != kind:
       raise TypeError(f"this is a {self.kind} model, not a {kind}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearProbe:
+  """The module of a "linprobe" Model: `encoder`'s features at `layer` / `pool` (see Model.features) ->
+  a parameter-free BatchNorm with the run's running statistics (if `batchnorm`) -> one linear layer.
+  The Model's params: {"head": {"kernel", "bias"}, "bn": {"mean", "var"}}."""
+  encoder: Model
+  layer: int = -1
+  pool: str = "cls"
+  batchnorm: bool = True
+
+
+PROBE_BN_EPS = 1e-6  # MAE's linear probe: BatchNorm1d(affine=False, eps=1e-6)
+
+
+def probe_logits(params, feats, batchnorm: bool, stats=None):
+  """The linear probe's logits from frozen features; `stats` (mean, var) default to params["bn"] (the
+  running statistics; training passes the batch's own)."""
+  if batchnorm:
+    mean, var = stats if stats is not None else (params["bn"]["mean"], params["bn"]["var"])
+    feats = (feats - mean) / jnp.sqrt(var + PROBE_BN_EPS)
+  return feats @ params["head"]["kernel"] + params["head"]["bias"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -360,21 +397,61 @@ def _load_ours(path: str, kind, dtype, overrides) -> Model:
     info = json.load(f)
   if "kind" not in info:
     raise ValueError(f"{run_dir}/config.json names no model kind: not a model checkpoint")
-  stored_kind, model_cfg = info["kind"], dict(info["model"])
-  if stored_kind not in KINDS:
-    raise ValueError(f"{run_dir}/config.json names model kind {stored_kind!r}: expected one of {KINDS}")
+  stored_kind = info["kind"]
+  if stored_kind not in KINDS + ("linprobe",):
+    raise ValueError(f"{run_dir}/config.json names model kind {stored_kind!r}: expected one of "
+                     f"{KINDS + ('linprobe',)}")
   _, state = checkpoint.restore_state_tree(ckpt_dir, step)
-  params = state["params"]
+  if stored_kind == "linprobe":
+    return _load_probe(run_dir, info, state, kind, dtype, overrides)
+  model_cfg, params = dict(info["model"]), state["params"]
   codebook = None
   if stored_kind == "tokenizer":
     codebook = np.asarray(state["extra"]["embedding"])
-  if stored_kind == "classifier" and "backbone" in params and "head" not in params:
-    params = params["backbone"]  # a linear probe's frozen encoder: not expected, kept simple
   converting = bool(kind) and kind != stored_kind  # overrides then apply to the converted model only
   model = _finish(stored_kind, model_cfg, params, codebook, dtype, {} if converting else overrides, source=path)
   if converting:
     return convert_kind(model, kind, **overrides)
   return model
+
+
+def _load_probe(run_dir, info, state, kind, dtype, overrides) -> Model:
+  """A linear-probe workdir: its head and BatchNorm statistics on the encoder it was trained on."""
+  if kind not in (None, "linprobe"):
+    raise ValueError(f"{run_dir} is a linear probe: it loads as kind='linprobe', not {kind!r}")
+  encoder_path = overrides.pop("encoder", None) or info["encoder"]
+  if overrides:
+    raise ValueError(f"a linear probe takes only encoder= as an override, got {sorted(overrides)}")
+  if encoder_path == RANDOM_ENCODER:
+    run = info["config"]
+    encoder = random_encoder(run["model"], run["seed"], dtype)
+  elif not os.path.exists(encoder_path):
+    raise FileNotFoundError(f"the linear probe in {run_dir} was trained on the encoder at {encoder_path}, which "
+                            f"is not there: load({run_dir!r}, encoder=<where it is now>)")
+  else:
+    encoder = load(encoder_path, dtype=dtype)
+  p = info["probe"]
+  params = {"head": jax.tree.map(jnp.asarray, state["params"]), "bn": jax.tree.map(jnp.asarray, state["extra"])}
+  probe = LinearProbe(encoder, int(p["layer"]), p["pool"], bool(p["batchnorm"]))
+  return Model("linprobe", probe, params, {"encoder": encoder_path, "probe": dict(p)}, None, run_dir)
+
+
+RANDOM_ENCODER = "random init"  # a linear probe's "encoder" when init_from is empty: the baseline
+
+
+def random_encoder(model_cfg, seed: int, dtype: str | Any = "float32") -> Model:
+  """The random-init baseline a probe or k-NN run measures against when init_from is empty: a BEiT v2
+  pretraining-style encoder of `model_cfg`'s size (shared rel-pos bias, layer scale, final norm, the
+  official init with its per-block rescale), from `seed`."""
+  from beitv2_jax.models.vit import rescale_init
+  m = model_cfg
+  cfg = dict(img_size=m["img_size"], patch_size=m["patch_size"], embed_dim=m["embed_dim"], depth=m["depth"],
+             num_heads=m["num_heads"], mlp_ratio=m["mlp_ratio"], use_abs_pos_emb=False, rel_pos="shared",
+             init_values=m.get("init_values", 0.1), use_mask_token=False, final_norm="norm", init_style="pretrain")
+  module = build_module("classifier", cfg, dtype)
+  s = cfg["img_size"]
+  params = module.init(jax.random.key(seed), jnp.zeros((1, s, s, 3)))["params"]
+  return Model("classifier", module, rescale_init(params, [("blocks", 1)]), cfg, None, "")
 
 
 def _finish(kind, model_cfg, params, codebook, dtype, overrides, source) -> Model:
@@ -462,7 +539,7 @@ def convert_kind(model: Model, kind: str, num_classes: int = 0, **overrides) -> 
   """A MIM (or tokenizer) model -> a classifier with the same encoder: the shared rel-pos table copied into
   every block (run_class_finetuning.py), pos-emb / rel-pos resized when img_size changes, a fresh
   fc_norm and head (mean pooling) unless final_norm='norm' (CLS pooling with the pretrained norm)."""
-  if kind != "classifier":
+  if kind != "classifier" or model.kind == "linprobe":
     raise ValueError(f"cannot turn a {model.kind} checkpoint into a {kind}")
   if model.kind == "classifier":
     return model
@@ -510,6 +587,8 @@ def classifier_state_dict(sd: dict, cfg: dict, fresh: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 def save_model(model: Model, directory: str) -> None:
   """Writes a folder that `load` reads: config.json + an orbax checkpoint of the params (+ codebook)."""
+  if model.kind == "linprobe":
+    raise ValueError("a linear probe is saved by its run (its workdir loads with beitv2_jax.load)")
   from beitv2_jax import checkpoint
   os.makedirs(directory, exist_ok=True)
   checkpoint.write_json(os.path.join(directory, "config.json"),
@@ -525,6 +604,9 @@ def export_state_dict(model: Model, path: str) -> dict:
   """Our params -> the official / timm key layout, written to .safetensors or .pth (torch). Classifiers
   load into timm.create_model('beitv2_base_patch16_224'); MIM models give the official pretraining
   layout (shared rel_pos_bias, cls_pt_layers, lm_head); tokenizers the vqkd_*.pth layout."""
+  if model.kind == "linprobe":
+    raise ValueError("a linear probe has no official layout to export to: export its encoder "
+                     "(m.module.encoder), and its head is m.params['head'] on BatchNorm statistics m.params['bn']")
   if model.kind == "mim":
     sd = convert.to_state_dict(model.params, strip="backbone")
   else:

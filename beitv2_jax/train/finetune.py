@@ -6,6 +6,7 @@ finetune workdir, an official or timm file); empty means random init of `config.
 from __future__ import annotations
 
 import logging
+import os
 
 import flax.linen as nn
 import jax
@@ -299,32 +300,31 @@ class LinearProbeTask(_ClassifierTask):
                       rng=k_state, extra=extra)
 
   def model_info(self):
-    return {"kind": "linprobe", "encoder": self.encoder.source or "random init",
-            "probe": self.config.probe.to_dict()}
+    # The frozen encoder is not in the checkpoint: api.load reads it again from here (an absolute path, so
+    # the workdir loads from any directory) or rebuilds the random baseline from the run's seed.
+    encoder = os.path.abspath(self.config.init_from) if self.config.init_from else api.RANDOM_ENCODER
+    return {"kind": "linprobe", "encoder": encoder, "probe": self.config.probe.to_dict(),
+            "num_classes": self.num_classes}
 
   def features(self, frozen, images_uint8):
     x = images_uint8.astype(jnp.float32) / 255.0 if self.is_tokenizer else imagenet_normalize(images_uint8)
     return jax.lax.stop_gradient(self.feature(frozen, x))
 
-  def _bn(self, feats, mean, var):
-    return (feats - mean) / jnp.sqrt(var + 1e-6) if self.config.probe.batchnorm else feats
-
   def logits(self, state, batch, frozen, train=False):
-    f = self._bn(self.features(frozen, batch["image"]), state.extra["mean"], state.extra["var"])
-    return self.head.apply({"params": state.params}, f)
+    probe = {"head": state.params, "bn": state.extra}
+    return api.probe_logits(probe, self.features(frozen, batch["image"]), self.config.probe.batchnorm)
 
   def train_step(self, state, batch, frozen):
     feats = self.features(frozen, batch["image"])
-    extra = state.extra
+    extra, stats = state.extra, None
     if self.config.probe.batchnorm:  # torch BatchNorm1d(affine=False): batch stats in training, EMA 0.1
-      mean, var = feats.mean(0), feats.var(0)
+      mean, var = stats = feats.mean(0), feats.var(0)
       n = feats.shape[0]
       extra = {"mean": 0.9 * extra["mean"] + 0.1 * mean, "var": 0.9 * extra["var"] + 0.1 * var * n / max(n - 1, 1)}
-      feats = self._bn(feats, mean, var)
     labels = batch["label"]
 
     def loss_fn(params):
-      logits = self.head.apply({"params": params}, feats)
+      logits = api.probe_logits({"head": params}, feats, self.config.probe.batchnorm, stats=stats)
       return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -343,16 +343,8 @@ def _encoder_shape(model: api.Model) -> tuple[int, int, int, float]:
 
 
 def load_encoder(config) -> api.Model:
-  """config.init_from loaded, or a random-init classifier backbone of config.model (the baseline)."""
+  """config.init_from loaded, or a random-init encoder of config.model (the baseline)."""
   if config.init_from:
     return api.load(config.init_from)
-  m = config.model
-  cfg = dict(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
-             num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, use_abs_pos_emb=False, rel_pos="shared",
-             init_values=m.get("init_values", 0.1), use_mask_token=False, final_norm="norm", init_style="pretrain")
-  module = VisionTransformer(**cfg)
-  s = m.img_size
-  params = module.init(jax.random.key(config.seed), jnp.zeros((1, s, s, 3)))["params"]
-  from beitv2_jax.models.vit import rescale_init
   logging.info("init_from is empty: probing a randomly initialised encoder")
-  return api.Model("classifier", module, rescale_init(params, [("blocks", 1)]), cfg, None, "")
+  return api.random_encoder(config.model, config.seed)
