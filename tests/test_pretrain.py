@@ -11,7 +11,7 @@ from beitv2_jax import main as entry, parallel
 from beitv2_jax.models.mim import BEiTForMIM, backbone_defaults, agg_drop_path_rates
 from beitv2_jax.models.vit import Block
 from beitv2_jax.train.pretrain import PretrainTask
-from helpers import pretrain_config, tokenizer_config
+from helpers import assert_meshes_agree, assert_resume_is_bit_identical, pretrain_config, tokenizer_config
 
 
 @pytest.fixture(scope="module")
@@ -130,30 +130,12 @@ def test_train_steps_on_8_devices_equal_1_device_with_real_updates(tokenizer_dir
   task = PretrainTask(cfg, str(tmp_path / "pt"), parallel.make_mesh(1, 1))
   it = iter(task.train_data())
   batches = [{k: v for k, v in next(it).items() if k != "bad"} for _ in range(3)]
-  init = task.init_state(jax.random.PRNGKey(0))
+  assert_meshes_agree(task, batches, task.init_state(jax.random.PRNGKey(0)), fsdp_min_size=1024)
 
-  def run(mesh, min_fsdp_size=1 << 16):
-    shard = parallel.state_shardings(init, mesh, min_fsdp_size=min_fsdp_size)
-    step = jax.jit(task.train_step, in_shardings=(shard, parallel.batch_sharding(mesh), None),
-                   out_shardings=(shard, parallel.replicated(mesh)))
-    state, losses = jax.device_put(init, shard), []
-    for b in batches:
-      state, m = step(state, parallel.to_global(b, mesh), task.frozen)
-      losses.append(float(m["loss"]))
-    return state, losses
 
-  s1, l1 = run(parallel.make_mesh(1, 1))
-  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-              for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(init.params)))
-  assert moved > 1e-3  # AdamW really updated the parameters
-  s8, l8 = run(parallel.make_mesh(8, 1))
-  sf, lf = run(parallel.make_mesh(2, 4), min_fsdp_size=1024)
-  big = [x for x in jax.tree.leaves((sf.params, sf.opt_state)) if getattr(x, "size", 0) >= 1024]
-  assert big and all("fsdp" in tuple(x.sharding.spec) for x in big)
-  for losses, state in ((l8, s8), (lf, sf)):
-    np.testing.assert_allclose(losses, l1, atol=2e-5)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(s1.params)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+def test_pretrain_resume_is_bit_identical(tokenizer_dir, tmp_path):
+  """MIM pretraining stopped at step 6 and resumed to 8 == 8 steps in one go (state and metrics exact)."""
+  assert_resume_is_bit_identical(pretrain_config(tokenizer_dir, steps=8), tmp_path)
 
 
 def test_mim_checkpoint_loads_and_exports_to_the_official_layout(tokenizer_dir, tmp_path):
