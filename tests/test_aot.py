@@ -3,6 +3,7 @@ several, data-parallel and FSDP; what the command line says for a config that do
 Without libtpu the TPU tests skip and say how to install it."""
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -77,14 +78,44 @@ def test_tiny_pretrain_compiles_for_one_and_four_hosts_and_fsdp_shards_the_state
   assert saved >= 0.75 * sharded * 0.98, (saved, sharded)
 
 
+def _loops_and_conditionals(hlo_text: str) -> set:
+  return set(re.findall(r"\b(while|conditional)\(", hlo_text))
+
+
+@needs_libtpu
+def test_the_control_flow_reader_sees_a_tpu_while_loop_and_conditional():
+  import jax
+  import jax.numpy as jnp
+  dev = aot.target("tpu:v4-8").devices[0]
+  x = jax.ShapeDtypeStruct((8,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(dev))
+  f = lambda v: jax.lax.cond(v[0] > 0, lambda a: jax.lax.fori_loop(0, v[1].astype(int), lambda i, b: b * 2, a),
+                             lambda a: a, v)
+  assert _loops_and_conditionals(jax.jit(f).lower(x).compile().as_text()) == {"while", "conditional"}
+
+
 @needs_libtpu
 def test_tiny_tokenizer_compiles_for_four_hosts_with_its_kmeans_first_step():
+  """docs/deviations.md: k-means runs in a separate first step, so the step every later iteration runs has
+  no conditional and no loop in its compiled TPU program (an XLA conditional or while waits on the device's
+  scalar control flow each step)."""
   c = _tiny("tokenizer_tiny", batch_size=32, **{"mesh.fsdp": 2, "mesh.fsdp_min_size": 1024})
-  task, r = aot.try_config(c, os.path.join(ROOT, "configs"), aot.target("tpu:v4-32"))
+  task, r = aot.try_config(c, os.path.join(ROOT, "configs"), aot.target("tpu:v4-32"), keep_text=True)
   assert r.compiled and r.fits, r.error
   assert task.initial_step() is not None  # k-means first step: compiled too, memory is the larger of the two
   assert dict(task.mesh.shape) == {"data": 8, "fsdp": 2}
   assert r.xla_flops > r.model_flops > 0
+  assert "fusion" in r.hlo_text and _loops_and_conditionals(r.hlo_text) == set()
+
+
+@needs_libtpu
+def test_compiled_tpu_finetune_step_has_no_loop():
+  """docs/deviations.md: the mixup / cutmix Beta draws are loop-free; the compiled TPU program of the
+  fine-tune step (mixup, cutmix, RandAugment's device half, drop path, erasing) has no while loop."""
+  c = _tiny("finetune_tiny", batch_size=32)
+  assert c.aug.mixup > 0 and c.aug.cutmix > 0
+  _, r = aot.try_config(c, os.path.join(ROOT, "configs"), aot.target("tpu:v4-8"), keep_text=True)
+  assert r.compiled, r.error
+  assert "fusion" in r.hlo_text and _loops_and_conditionals(r.hlo_text) == set()
 
 
 def _aot(*args, timeout=600):

@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import jax
+import optax
 import jax.numpy as jnp
 import pytest
 
@@ -49,6 +50,78 @@ def test_weight_decay_mask_follows_the_official_groups():
   assert mask["mask_token"] and mask["blocks.0.attn.relative_position_bias_table"] and mask["head.weight"]
   assert not mask["cls_token"] and not mask["pos_embed"] and not mask["blocks.0.attn.q_bias"]
   assert not mask["blocks.0.gamma_1"] and not mask["blocks.0.norm1.weight"] and not mask["head.bias"]
+
+
+def _official_param_groups(model, weight_decay, layer_decay, depth, skip_list=("pos_embed", "cls_token")):
+  """optim_factory.get_parameter_groups with get_num_layer_for_vit and LayerDecayValueAssigner, transcribed."""
+  def num_layer(name):
+    if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+      return 0
+    if name.startswith("rel_pos_bias"):
+      return depth + 1
+    if name.startswith("blocks"):
+      return int(name.split(".")[1]) + 1
+    return depth + 1
+  scales = [layer_decay ** (depth + 1 - i) for i in range(depth + 2)]
+  groups = {}
+  for name, p in model.named_parameters():
+    no_decay = p.ndim == 1 or name.endswith(".bias") or name in skip_list
+    lid = num_layer(name)
+    g = groups.setdefault((lid, no_decay), {"params": [], "names": [], "lr_scale": scales[lid],
+                                            "weight_decay": 0.0 if no_decay else weight_decay})
+    g["params"].append(p)
+    g["names"].append(name)
+  return list(groups.values())
+
+
+def _official_cosine(base, final, total, warmup):
+  """utils.cosine_scheduler with warmup_steps, per iteration."""
+  warm = np.linspace(0, base, warmup)
+  iters = np.arange(total - warmup)
+  return np.concatenate([warm, final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))])
+
+
+def test_adamw_follows_torch_adamw_with_the_official_groups():
+  """Four steps of our AdamW (clip 3.0, weight decay 0.05 off for 1-D / bias / cls_token / pos_embed,
+  layer decay 0.65, warm-up + cosine) on a classifier equal torch.optim.AdamW driven as the official fine-tune
+  loop drives it (per-group lr = schedule x lr_scale, clip_grad_norm_ first) on the same gradients, to 1e-6."""
+  torch = pytest.importorskip("torch")
+  timm = pytest.importorskip("timm")
+  from beitv2_jax import convert
+  depth, lr, wd, ld, clip = 3, 1e-2, 0.05, 0.65, 3.0
+  m = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=depth, num_heads=2, num_classes=10,
+                        use_abs_pos_emb=True)
+  params = m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  tm = timm.create_model("beitv2_base_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=64,
+                         depth=depth, num_heads=2, num_classes=10, use_abs_pos_emb=True)
+  tm.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in convert.to_state_dict(params).items()},
+                     strict=False)
+  groups = _official_param_groups(tm, wd, ld, depth)
+  topt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+  lrs = _official_cosine(lr, 1e-5, 10, 2)
+  tx = optim.adamw(params, optim.warmup_cosine(lr, 10, 2, 1e-5), 0.9, 0.999, 1e-8, wd, clip_grad=clip,
+                   layer_decay=ld, depth=depth)
+  opt_state = tx.init(params)
+  named = dict(tm.named_parameters())
+  for step in range(4):
+    keys = jax.random.split(jax.random.key(10 + step), len(jax.tree.leaves(params)))
+    grads = jax.tree.unflatten(jax.tree.structure(params), [0.5 * jax.random.normal(k, a.shape)
+                                                           for k, a in zip(keys, jax.tree.leaves(params))])
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    for k, g in convert.to_state_dict(grads).items():
+      if k in named:
+        named[k].grad = torch.from_numpy(np.array(g))
+    for group in topt.param_groups:
+      group["lr"] = lrs[step] * group["lr_scale"]
+    assert torch.nn.utils.clip_grad_norm_(tm.parameters(), clip) > clip  # clipping is active
+    topt.step()
+  ours, theirs = convert.to_state_dict(params), {k: p.detach().numpy() for k, p in named.items()}
+  assert set(theirs) <= set(ours)
+  for k, v in theirs.items():
+    np.testing.assert_allclose(ours[k], v, atol=1e-6, rtol=0, err_msg=k)
+  assert np.abs(ours["blocks.0.mlp.fc1.weight"] - np.asarray(convert.to_state_dict(
+      m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])["blocks.0.mlp.fc1.weight"])).max() > 1e-3
 
 
 def test_schedule_matches_the_official_cosine_scheduler():

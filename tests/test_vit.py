@@ -168,3 +168,41 @@ def test_resize_pos_embed_is_torch_bicubic(src, dst):
   ref = torch.nn.functional.interpolate(grid, size=(dst, dst), mode="bicubic", align_corners=False)
   np.testing.assert_allclose(ours[0, 1:], ref.permute(0, 2, 3, 1).reshape(dst * dst, 6).numpy(), atol=1e-5)
   np.testing.assert_array_equal(ours[:, :1], pos[:, :1])
+
+
+def _official_geometric_coordinates(src: int, dst: int) -> np.ndarray:
+  """The official resize's source coordinates, found independently: offsets 1, 1+q, 1+q+q^2, ... from the
+  centre, q solving sum_{i < src//2} q^i = dst//2 (the last source row lands on the last target row)."""
+  from scipy.optimize import brentq
+  half = src // 2
+  q = brentq(lambda r: (1 - r ** half) / (1 - r) - dst // 2, 1.0001, 2.0)
+  dis = np.cumsum(q ** np.arange(half))
+  return np.concatenate([-dis[::-1], [0.0], dis])
+
+
+@pytest.mark.parametrize("src_window, dst_window", [(14, 32), (14, 24), (7, 14)])
+def test_resize_rel_pos_table_follows_the_official_geometric_grid(src_window, dst_window):
+  """A relative-position table resized to another window (fine-tuning at another resolution, segmentation at
+  512 px) as run_class_finetuning.py does: the same table at the same size is returned untouched; the 3
+  [CLS] rows are kept; a cubic polynomial sampled on the official geometric grid comes back exactly on the
+  target's integer offsets (a cubic spline reproduces cubics: 1e-4, float32), for every head; a smooth
+  non-polynomial function (a Gaussian bump of peak 1) within 3e-3."""
+  from beitv2_jax import convert
+  src, dst = 2 * src_window - 1, 2 * dst_window - 1
+  rng = np.random.RandomState(0)
+  same = rng.randn(src * src + 3, 2).astype(np.float32)
+  assert convert.resize_rel_pos_table(same, (src_window, src_window)) is same
+  x = _official_geometric_coordinates(src, dst)
+  assert x[-1] == pytest.approx(dst // 2, abs=1e-4) and x[src // 2 + 1] == 1.0
+  t = np.arange(-(dst // 2), dst // 2 + 1, dtype=np.float64)
+  funcs = [lambda a, b: 0.5 + 0.02 * a - 0.03 * b + 1e-3 * a * a * b - 2e-4 * b ** 3 + 1e-5 * a ** 3 * b ** 2,
+           lambda a, b: np.exp(-(a * a + 0.5 * b * b) / (2 * (dst / 3) ** 2))]
+  table = np.concatenate([np.stack([f(*np.meshgrid(x, x, indexing="ij")).reshape(-1) for f in funcs], -1),
+                          rng.randn(3, 2)]).astype(np.float32)
+  out = convert.resize_rel_pos_table(table, (dst_window, dst_window))
+  assert out.shape == (dst * dst + 3, 2)
+  np.testing.assert_array_equal(out[-3:], table[-3:])
+  want = [f(*np.meshgrid(t, t, indexing="ij")).reshape(-1) for f in funcs]
+  poly_scale = np.abs(want[0]).max()
+  np.testing.assert_allclose(out[:-3, 0], want[0], atol=1e-4 * poly_scale, rtol=0)
+  np.testing.assert_allclose(out[:-3, 1], want[1], atol=3e-3, rtol=0)
