@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
+# pytest-xdist workers: most test time is single-threaded XLA compilation, so one worker per core (CI has 2).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install install-test benchmark clean
 
@@ -23,7 +25,7 @@ demo: $(VENV)/.base
 	$(PY) -m beitv2_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 benchmark: $(VENV)/.test
 	$(PY) benchmarks/train_step.py --size=tiny

@@ -31,7 +31,7 @@ setup(
         # transformers' own Flax CLIP is the reference for our teacher in tests; 4.57.x is the last
         # release with Flax classes. Our teacher does not need transformers at run time.
         # libtpu (jax[tpu]) lets tests compile for TPU slices on a CPU (beitv2_jax.aot); Linux wheels only.
-        "test": ["pytest", "transformers>=4.50,<5", "torch", "torchvision", "timm",
+        "test": ["pytest", "pytest-xdist", "transformers>=4.50,<5", "torch", "torchvision", "timm",
                  "jax[tpu]; sys_platform == 'linux'"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],

@@ -22,6 +22,9 @@ _cache = os.environ.get("BEITV2_TEST_JAX_CACHE")
 if not _cache:  # a fresh cache per session, removed at its end
   _cache = tempfile.mkdtemp(prefix="beitv2_jax_cache_")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  # pytest-xdist's workers start after this file runs in the controller and inherit its environment: all of
+  # them share the one cache (jax writes cache entries atomically).
+  os.environ["BEITV2_TEST_JAX_CACHE"] = _cache
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # The runs tests start as subprocesses (SIGTERM / SIGKILL, multi-host, the CLI) share it: a rerun of the same
