@@ -42,13 +42,6 @@ def test_value_ranges_and_normalisation_constants():
   np.testing.assert_allclose(np.asarray(preprocess(t01))[0, 0, :, 0], [-1, 0, 1], atol=1e-6)
 
 
-def test_crop_scale_ranges():
-  rng = np.random.default_rng(0)
-  areas = [np.prod(transforms.random_resized_crop_box(rng, 300, 200, scale=(0.2, 1.0))[2:]) / 60000
-           for _ in range(500)]
-  assert min(areas) >= 0.19 and max(areas) <= 1.0
-
-
 def test_finetune_transform_outputs():
   t = transforms.FinetuneTrain(32)
   exs = [t(_photo(), np.random.default_rng(s)) for s in range(40)]
@@ -172,15 +165,6 @@ def test_offline_sources():
   assert np.bincount(v.labels).tolist() == [100] * 10
   p = sources.make_source("photos", "all")
   assert len(p) >= 15 and p[0]["image"].ndim == 3
-
-
-def test_every_rand_augment_op_runs_at_every_magnitude():
-  im = _photo().resize((32, 32))
-  rng = np.random.default_rng(0)
-  for name in transforms.RAND_INCREASING_OPS:
-    for level in (0.0, 5.0, 9.0, 10.0):
-      out = transforms.apply_op(im, name, level, rng)
-      assert out.size == im.size and out.mode == "RGB"
 
 
 def test_tfds_imagenet_source_through_the_pipeline():
