@@ -42,7 +42,7 @@ def _run_single(config, workdir, extra=()):
   return out
 
 
-def test_two_processes_equal_one_process_with_four_devices(tmp_path):
+def test_two_processes_equal_one_process_with_four_devices_tokenizer(tmp_path):
   tok_extra = ["--config.model.codebook_size=64"]
   ref_tok, mh_tok = str(tmp_path / "ref_tok"), str(tmp_path / "mh_tok")
   _run_single("tokenizer_tiny", ref_tok, tok_extra)
@@ -56,11 +56,21 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
   data_dir = os.path.join(mh_tok, "checkpoints", "6", "data")
   assert len([f for f in os.listdir(data_dir) if "process" in f]) == 2, os.listdir(data_dir)
 
-  mim_extra = [f"--config.tokenizer_path={ref_tok}", "--config.data.eval_split="]
+
+def test_two_processes_equal_one_process_with_four_devices_mim(tmp_path):
+  """The MIM step (its frozen tokenizer placed over both processes' devices, masks drawn per host) on its
+  own, so that the two halves of this comparison run side by side under pytest-xdist."""
+  from beitv2_jax import main as entry
+  from helpers import tokenizer_config
+  tok = str(tmp_path / "tok")
+  entry.run(tokenizer_config(steps=2), tok)
+  mim_extra = [f"--config.tokenizer_path={tok}", "--config.data.eval_split="]
   ref_mim, mh_mim = str(tmp_path / "ref_mim"), str(tmp_path / "mh_mim")
   _run_single("pretrain_tiny", ref_mim, mim_extra)
   _run_pair("pretrain_tiny", mh_mim, mim_extra)
-  assert_trees_equal(params_of(ref_mim)["params"], params_of(mh_mim)["params"], atol=1e-5)
+  a, b = params_of(ref_mim), params_of(mh_mim)
+  assert int(a["step"]) == int(b["step"]) == 6
+  assert_trees_equal(a["params"], b["params"], atol=1e-5)
 
 
 # --- the input of a v4-32's 4 hosts: 4 JAX processes, each reading its rows, one global batch -------------
