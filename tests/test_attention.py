@@ -21,7 +21,7 @@ def _inputs(b, n, h, dh, dtype, seed=0, batched_bias=False):
 def _loss_and_grads(fn, q, k, v, bias):
   w = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)  # a fixed, non-trivial cotangent
   loss = lambda q, k, v, bias: jnp.sum(fn(q, k, v, bias).astype(jnp.float32) * w)
-  return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)  # jitted: one compile, not one per op
 
 
 def _rel(a, b):

@@ -181,7 +181,7 @@ def test_torch_mim_peer_computes_our_loss_and_gradients_on_the_same_weights(tmp_
   def our_loss(p):
     ce1, ce2, _, _, labels = task.losses(p, jax.tree.map(jnp.asarray, batch), task.frozen, False)
     return ce1.mean() + ce2.mean(), labels
-  (loss, labels), grads = jax.value_and_grad(our_loss, has_aux=True)(params)
+  (loss, labels), grads = jax.jit(jax.value_and_grad(our_loss, has_aux=True))(params)
 
   m = config.model
   student = torch_mim.BEiTForMIM(m.img_size, m.patch_size, m.embed_dim, m.depth, m.num_heads, vocab=8192,
