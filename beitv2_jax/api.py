@@ -54,7 +54,8 @@ from beitv2_jax.models.mim import BEiTForMIM
 from beitv2_jax.models.vit import VisionTransformer
 from beitv2_jax.models.vqkd import VQKD
 
-KINDS = ("classifier", "mim", "tokenizer")
+KINDS = ("classifier", "mim", "tokenizer")  # what `load(kind=...)` can convert to
+LOADABLE_KINDS = KINDS + ("linprobe",)       # what a workdir's config.json may name
 # float16: the official code runs the tokenizer under fp16 autocast; 3 more mantissa bits than bf16 keep
 # near-tie code choices closer to float32 (benchmarks/label_precision.py measures how much).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -398,9 +399,8 @@ def _load_ours(path: str, kind, dtype, overrides) -> Model:
   if "kind" not in info:
     raise ValueError(f"{run_dir}/config.json names no model kind: not a model checkpoint")
   stored_kind = info["kind"]
-  if stored_kind not in KINDS + ("linprobe",):
-    raise ValueError(f"{run_dir}/config.json names model kind {stored_kind!r}: expected one of "
-                     f"{KINDS + ('linprobe',)}")
+  if stored_kind not in LOADABLE_KINDS:
+    raise ValueError(f"{run_dir}/config.json names model kind {stored_kind!r}: expected one of {LOADABLE_KINDS}")
   _, state = checkpoint.restore_state_tree(ckpt_dir, step)
   if stored_kind == "linprobe":
     return _load_probe(run_dir, info, state, kind, dtype, overrides)

@@ -1,5 +1,6 @@
-"""Per-example augmentations of the official recipes (spec §2, §3.4, §4.1), on PIL images, driven by a
-`np.random.Generator` that grain seeds per example (so every run and every resume sees the same ones).
+"""Per-example augmentations of the official recipes (unilm beit2/datasets.py; timm create_transform for
+fine-tuning), on PIL images, driven by a `np.random.Generator` that grain seeds per example (so every run
+and every resume sees the same ones).
 
 Images leave the host as uint8 (4x less to copy than float32); `to_unit` / `imagenet_normalize` run on
 the device inside the jitted step and are exactly ToTensor (/255) and Normalize.
@@ -180,7 +181,7 @@ def as_uint8(im: Image.Image) -> np.ndarray:
 
 
 class TokenizerTrain:
-  """RandomResizedCrop(size, scale 0.08-1, bicubic) + flip; [0, 1] images (spec §2), no colour jitter."""
+  """RandomResizedCrop(size, scale 0.08-1, bicubic) + flip; [0, 1] images (the VQ-KD recipe), no colour jitter."""
 
   def __init__(self, size: int, scale=(0.08, 1.0)):
     self.size, self.scale = size, scale
@@ -201,7 +202,7 @@ class EvalTransform:
 
 
 class MIMTrain:
-  """DataAugmentationForBEiT (spec §3.4): ColorJitter(0.4, 0.4, 0.4) on the full image, flip, ONE crop box
+  """DataAugmentationForBEiT (beit2/datasets.py): ColorJitter(0.4, 0.4, 0.4) on the full image, flip, ONE crop box
   (scale min_crop_scale-1) resized twice: `image` (the ViT view, ImageNet-normalised on device) and
   `tokenizer_image` (the tokenizer view, [0, 1]), plus the block-wise `mask`."""
 
