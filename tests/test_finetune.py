@@ -252,15 +252,16 @@ def test_linear_probe_and_knn_beat_random_init(tmp_path):
     assert top1 == pytest.approx(probe[name], abs=1.5 / len(labels)), name
 
 
-def _eval_images(data: str, size: int):
-  """The eval split as the runs see it (resize + centre crop), ImageNet-normalised NHWC floats."""
+def _eval_images(data: str, size: int, split: str = "val", normalise: bool = True):
+  """A split as the eval runs see it (resize + centre crop): ImageNet-normalised NHWC floats, or [0, 1]
+  floats (the tokenizer's convention) with normalise=False; and its labels."""
   from PIL import Image
   from beitv2_jax.data import sources, transforms
   from beitv2_jax.train.pretrain import imagenet_normalize
-  src = sources.make_source(data, "val")
+  src = sources.make_source(data, split)
   t = transforms.EvalTransform(size)
   x = np.stack([t(Image.fromarray(src[i]["image"]), None)["image"] for i in range(len(src))])
-  return np.asarray(imagenet_normalize(x)), src.labels
+  return (np.asarray(imagenet_normalize(x)) if normalise else (x / 255.0).astype(np.float32)), src.labels
 
 
 def _task_batches_init(task_class, config, tmp_path, n=3):
@@ -297,8 +298,6 @@ def test_linear_probe_resume_is_bit_identical(tmp_path):
 def test_tokenizer_encoder_can_be_probed(tmp_path):
   """k-NN on a tokenizer's encoder (its own [0, 1] input convention) scores what an independent numpy k-NN
   (cosine, top 20, votes exp(sim / 0.07)) scores on the features `beitv2_jax.load(...).features` gives."""
-  from PIL import Image
-  from beitv2_jax.data import sources, transforms
   tok = str(tmp_path / "tok")
   entry.run(tokenizer_config(steps=4), tok)
   k = load_config("knn_tiny")
@@ -306,12 +305,11 @@ def test_tokenizer_encoder_can_be_probed(tmp_path):
   top1 = entry.run(k, str(tmp_path / "knn"))["top1"]
 
   m = beitv2_jax.load(tok)
-  t = transforms.EvalTransform(m.img_size)
+
   def feats(split):
-    src = sources.make_source("digits", split)
-    x = np.stack([t(Image.fromarray(src[i]["image"]), None)["image"] for i in range(len(src))]) / 255.0
-    f = np.asarray(m.features(x.astype(np.float32)), np.float64)
-    return f / np.linalg.norm(f, axis=-1, keepdims=True), src.labels
+    x, labels = _eval_images("digits", m.img_size, split, normalise=False)
+    f = np.asarray(m.features(x), np.float64)
+    return f / np.linalg.norm(f, axis=-1, keepdims=True), labels
   (train, train_y), (val, val_y) = feats("train"), feats("val")
   sims = val @ train.T
   nearest = np.argsort(-sims, axis=1)[:, :20]
