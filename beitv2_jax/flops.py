@@ -1,5 +1,5 @@
-"""Model FLOPs per image (the performance model of DESIGN.md). 1 MAC = 2 FLOPs; a backward pass costs
-twice a forward; remat recomputation is not counted."""
+"""Model FLOPs per image, the count MFU is measured against: matmuls only (softmax, norms and the elementwise
+rest are left out). 1 MAC = 2 FLOPs; a backward pass costs twice a forward; remat recomputation is not counted."""
 from __future__ import annotations
 
 

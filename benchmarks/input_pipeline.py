@@ -47,7 +47,7 @@ def ours(size: int) -> dict:
 
 
 def official(size: int) -> dict:
-  """The official recipes in torchvision / timm terms (spec §2, §3.4, §4.1)."""
+  """The official recipes in torchvision / timm terms (docs/method.md §2, §3.4, §4.1)."""
   try:
     from torchvision import transforms as T
   except Exception:

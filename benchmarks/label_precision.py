@@ -11,7 +11,7 @@ TOKENIZER: a tokenizer workdir (or WORKDIR/checkpoints/<step>), an official-layo
 student size (pretrain.random_tokenizer, e.g. random:pretrain_base = ViT-B/16 at 224 px, 8192 codes of
 dim 32): random weights, so its near-tie rate is not a trained tokenizer's.
 Data (all offline): `photos:<split>` (the scikit-image photos), `mnist5k:<split>`, `demo` (the official
-demo image under ../shared/testdata; skipped with a note when absent). Every image goes through the eval
+demo image in tests/data/official_demo; skipped with a note when absent). Every image goes through the eval
 transform (resize to img_size / 0.875, centre crop) and reaches the tokenizer as uint8 / 255, as in
 pretraining.
 
@@ -105,7 +105,7 @@ def describe(model: api.Model) -> str:
 # ------------------------------------------------------------------------------------------------
 def load_images(data: str, size: int, max_images: int = 0) -> list[tuple[str, np.ndarray]]:
   """[(source name, (n, size, size, 3) uint8)], in the order asked; `demo` is left out (with a note) when
-  the shared test data is not there."""
+  tests/data/official_demo is not there."""
   view = transforms.EvalTransform(size)
   out = []
   for item in (d for d in data.split(",") if d):

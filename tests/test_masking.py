@@ -1,4 +1,4 @@
-"""Block-wise masking (spec §3.3)."""
+"""Block-wise masking (docs/method.md §3.3)."""
 import numpy as np
 
 from beitv2_jax.data.masking import MaskingGenerator
@@ -36,7 +36,7 @@ def test_blocks_respect_min_size_and_aspect():
       if budget >= 16:
         assert h * w >= 9 and 0.2 <= h / w <= 5.0, (budget, h, w)
   print("blocks per mask", np.mean(n_blocks))
-  assert 3.0 < np.mean(n_blocks) < 5.5  # the spec measured ~4.1 blocks per mask
+  assert 3.0 < np.mean(n_blocks) < 5.5  # ~4.1 blocks per mask measured (docs/method.md §3.3)
 
 
 def test_small_grids_use_the_ratio():

@@ -1,4 +1,4 @@
-"""The norm-EMA quantizer against a numpy transcription of spec §1.2, across device counts."""
+"""The norm-EMA quantizer against a numpy transcription of docs/method.md §1.2, across device counts."""
 import numpy as np
 import jax
 import jax.numpy as jnp

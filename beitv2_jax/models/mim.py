@@ -1,4 +1,4 @@
-"""BEiT v2 masked image modeling student with patch aggregation (spec §3.1, §3.2)."""
+"""BEiT v2 masked image modeling student with patch aggregation (docs/method.md §3.1, §3.2)."""
 from __future__ import annotations
 
 from typing import Any

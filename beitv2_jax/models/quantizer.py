@@ -1,4 +1,4 @@
-"""The norm-EMA vector quantizer of VQ-KD (spec §1.2), as pure functions over a `Codebook` pytree.
+"""The norm-EMA vector quantizer of VQ-KD (docs/method.md §1.2), as pure functions over a `Codebook` pytree.
 
 The codebook is not a parameter: gradients never touch it. Each training step moves every used code by
 `E <- l2norm(decay * E + (1 - decay) * l2norm(mean of the vectors assigned to it))`, with counts and sums
@@ -81,7 +81,7 @@ def code_stats(z: Array, ids: Array, size: int, axis_name: Optional[str] = None)
 def ema_update(cb: Codebook, z: Array, ids: Array, decay: float = 0.99, step: Array | int = 0,
                axis_name: Optional[str] = None, restart_after: int = 0,
                restart_key: Optional[Array] = None) -> Codebook:
-  """One norm-EMA step (spec §1.2.5). z: (..., D) l2-normalised vectors, ids their codes.
+  """One norm-EMA step (docs/method.md §1.2.5). z: (..., D) l2-normalised vectors, ids their codes.
 
   restart_after > 0 enables the (non-official) dead-code restart: a code not assigned for that many
   steps is re-seeded with a random vector of the current batch.

@@ -1,4 +1,4 @@
-"""The BEiT ViT backbone (spec §0), shared by the tokenizer, the MIM student and the classifier.
+"""The BEiT ViT backbone (docs/method.md §0), shared by the tokenizer, the MIM student and the classifier.
 
 Parameter names mirror the official PyTorch state-dict keys (`blocks_3/attn/qkv/kernel` is
 `blocks.3.attn.qkv.weight`), so that `convert.py` is a renaming plus transposes. With `scan=True` the
@@ -24,7 +24,7 @@ LN_EPS = 1e-6  # official BEiT; HF's BeitConfig default (1e-12) is wrong for the
 
 
 # ------------------------------------------------------------------------------------------------
-# Initialisers. Two official conventions (spec §1.4, §3.2, §7.10) plus PyTorch's defaults.
+# Initialisers. Two official conventions (docs/method.md §1.4, §3.2, §7.10) plus PyTorch's defaults.
 # ------------------------------------------------------------------------------------------------
 def trunc_normal(std: float = 0.02, bound_in_std: float = 2.0 / 0.02):
   """timm trunc_normal_(std, a, b) with bounds given in units of std (no variance correction)."""
