@@ -226,9 +226,9 @@ def stand_ins(config, config_dir: str) -> list[str]:
     config.data.name = f"synthetic:{n}"
     notes.append(f"data {name} -> synthetic:{n} ({why})")
   task = config.task
-  if task == "pretrain" and not os.path.exists(config.get("tokenizer_path", "")):
-    was = config.get("tokenizer_path", "") or "(none)"
-    if config.get("tokenizer", None) is None:
+  if task == "pretrain" and not os.path.exists(config.tokenizer_path):
+    was = config.tokenizer_path or "(none)"
+    if config.tokenizer is None:
       config.tokenizer = load_config_file(os.path.join(config_dir, "tokenizer_base.py"))
       arch = "configs/tokenizer_base.py's"
     else:
@@ -244,10 +244,10 @@ def stand_ins(config, config_dir: str) -> list[str]:
     if (arch["image_size"], arch["patch_size"]) != (m.img_size, m.patch_size):
       raise ValueError(f"teacher {config.teacher} takes {arch['image_size']} px / patch {arch['patch_size']}; "
                        f"the tokenizer {m.img_size} px / patch {m.patch_size}")
-    config.random_teacher = dict({k: v for k, v in arch.items() if k not in ("image_size", "patch_size")}, seed=0)
+    config.random_teacher.update({k: v for k, v in arch.items() if k not in ("image_size", "patch_size")})
     notes.append(f"teacher {config.teacher} -> an untrained one of its architecture")
     config.teacher = "random"
-  if task in ("finetune", "linprobe") and config.get("init_from", "") and not os.path.exists(config.init_from):
+  if task in ("finetune", "linprobe") and config.init_from and not os.path.exists(config.init_from):
     notes.append(f"init_from {config.init_from} -> the recipe's random init (same shapes)")
     config.init_from = ""
   return notes
@@ -374,7 +374,7 @@ def fix_suggestions(config, config_dir: str, tgt: Target) -> list[tuple[str, Res
     tried.append((f"--config.mesh.fsdp={f}", r))
     if r.fits:
       return tried
-  if config.model.get("remat", "none") != "full":
+  if config.model.remat != "full":
     c = config.copy_and_resolve_references()
     c.model.remat = "full"
     flag = "--config.model.remat=full"
@@ -406,7 +406,7 @@ def max_batch(config, config_dir: str, tgt: Target, first: Result, remat: str,
     return results[per_chip]
 
   b0 = max(8, config.batch_size // chips // 8 * 8)
-  if remat == config.model.get("remat", "none") and config.batch_size == b0 * chips:
+  if remat == config.model.remat and config.batch_size == b0 * chips:
     results[b0] = first
   lo, hi = (b0, None) if at(b0).fits else (0, b0)
   while len(results) < max_compiles and (hi is None or (lo == 0 and hi > 8)):
@@ -441,7 +441,7 @@ def report(config, config_name: str, tgt: Target, notes: list[str], task, result
         f"{config.batch_size // chips} per chip; remat {config.model.get('remat', 'none')}")
   row = dict(config=config_name, target=tgt.name, device_kind=tgt.device_kind, chips=chips, hosts=tgt.hosts,
              fsdp=mesh["fsdp"],
-             batch=config.batch_size, remat=config.model.get("remat", "none"), compiled=result.compiled,
+             batch=config.batch_size, remat=config.model.remat, compiled=result.compiled,
              fits=result.fits, gib_per_chip=round(result.needed_bytes / GiB, 2),
              hbm_gib=round(result.capacity_bytes / GiB, 2), compile_s=round(result.compile_s, 1))
   if not result.compiled:
@@ -541,7 +541,7 @@ def main(argv):
             "chip, and nothing tried fits: a smaller batch does (--max_batch finds the largest)")
     rows[0]["fits_with"] = fitting[0][0] if fitting else ""
   if FLAGS.max_batch and result.compiled:
-    for remat in dict.fromkeys([config.model.get("remat", "none"), "full"]):
+    for remat in dict.fromkeys([config.model.remat, "full"]):
       b, r = max_batch(config, config_dir, tgt, result, remat)
       text = f"{b} ({r.needed_bytes / GiB:.2f} GiB)" if r else "none found"
       print(f"  largest per-chip batch that fits with remat {remat}: {text}")

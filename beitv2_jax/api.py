@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from beitv2_jax import convert
+from beitv2_jax.data import transforms
 from beitv2_jax.models import quantizer
 from beitv2_jax.models.mim import BEiTForMIM
 from beitv2_jax.models.vit import VisionTransformer
@@ -59,6 +60,15 @@ LOADABLE_KINDS = KINDS + ("linprobe",)       # what a workdir's config.json may 
 # float16: the official code runs the tokenizer under fp16 autocast; 3 more mantissa bits than bf16 keep
 # near-tie code choices closer to float32 (benchmarks/label_precision.py measures how much).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str | Any):
+  """The jnp dtype a config names ('float32', 'bfloat16', 'float16'); a dtype object passes through."""
+  if not isinstance(name, str):
+    return name
+  if name not in DTYPES:
+    raise ValueError(f"unknown dtype {name!r}: expected one of {sorted(DTYPES)}")
+  return DTYPES[name]
 
 
 @dataclasses.dataclass
@@ -342,7 +352,7 @@ def encoder_features(model: Model, images, layer: int = -1, pool: str = "cls"):
 # Building modules from a stored description
 # ------------------------------------------------------------------------------------------------
 def build_module(kind: str, model_cfg: dict, dtype: str | Any = "float32"):
-  dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+  dtype = dtype_of(dtype)
   cfg = dict(model_cfg)
   if kind == "classifier":
     return VisionTransformer(**{k: v for k, v in cfg.items() if k != "dtype"}, dtype=dtype)
@@ -454,6 +464,22 @@ def random_encoder(model_cfg, seed: int, dtype: str | Any = "float32") -> Model:
   return Model("classifier", module, rescale_init(params, [("blocks", 1)]), cfg, None, "")
 
 
+def load_encoder(init_from: str, model_cfg, seed: int) -> Model:
+  """What a probe or k-NN run measures: `init_from` loaded (anything `load` reads), or when it is empty the
+  random-init encoder of `model_cfg` from `seed` (the baseline)."""
+  if init_from:
+    return load(init_from)
+  return random_encoder(model_cfg, seed)
+
+
+def encoder_input(model: Model, images_uint8: jax.Array) -> jax.Array:
+  """uint8 images -> what `model`'s encoder takes, on the device: [0, 1] for a tokenizer (VQ-KD
+  normalises inside), ImageNet mean/std for the ViTs."""
+  if model.kind == "tokenizer":
+    return transforms.to_unit(images_uint8)
+  return transforms.imagenet_normalize(images_uint8)
+
+
 def _finish(kind, model_cfg, params, codebook, dtype, overrides, source) -> Model:
   if kind in ("classifier",):
     model_cfg.update(overrides)
@@ -464,11 +490,11 @@ def _finish(kind, model_cfg, params, codebook, dtype, overrides, source) -> Mode
     model_cfg.update({k: v for k, v in overrides.items() if k in ("scan", "remat")})
   module = build_module(kind, model_cfg, dtype)
   template = _template(module, kind)
-  params = _relayout(params, template)
+  params = relayout(params, template)
   return Model(kind, module, params, model_cfg, codebook, source)
 
 
-def _relayout(params, template):
+def relayout(params, template):
   """Scanned <-> unrolled as the target module wants; checks every shape."""
   sd = convert.to_state_dict(params)
   return jax.tree.map(jnp.asarray, convert.from_state_dict(sd, template, what="checkpoint"))
@@ -559,6 +585,24 @@ def convert_kind(model: Model, kind: str, num_classes: int = 0, **overrides) -> 
   sd = classifier_state_dict(sd, cfg, fresh)
   params = convert.from_state_dict(sd, template, ignore=(r"^mask_token$", r"^lm_head\.", r"^cls_pt_layers\."),
                                    what=f"{model.source} as a classifier")
+  return Model("classifier", module, jax.tree.map(jnp.asarray, params), cfg, None, model.source)
+
+
+def reclassify(model: Model, **overrides) -> Model:
+  """A classifier checkpoint with a possibly different head / resolution / pooling (`overrides`: classifier
+  constructor arguments); the head is kept when its class count is unchanged (fine-tuning a fine-tuned model)."""
+  sd = convert.to_state_dict(model.params)
+  cfg = dict(model.config)
+  cfg.update(overrides)
+  module = build_module("classifier", cfg)
+  init = module.init(jax.random.key(0), jnp.zeros((1, cfg["img_size"], cfg["img_size"], 3)))["params"]
+  fresh = convert.to_state_dict(init)
+  if sd.get("head.weight") is not None and sd["head.weight"].shape == fresh["head.weight"].shape:
+    fresh = {k: v for k, v in fresh.items() if not k.startswith("head.")}
+    fresh.update({k: sd[k] for k in ("head.weight", "head.bias")})
+  sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+  sd = classifier_state_dict(sd, cfg, fresh)
+  params = convert.from_state_dict(sd, _template(module, "classifier"), what=model.source)
   return Model("classifier", module, jax.tree.map(jnp.asarray, params), cfg, None, model.source)
 
 

@@ -1,11 +1,15 @@
-"""Fields every task config has, with their defaults. Recipe files in configs/ start from `base(task)`
-and set what their recipe says; every field can be overridden on the command line
-(`--config.batch_size=256`, `--config.optim.lr=1e-3`)."""
+"""Every field a task's config has, with its default, stated once: `base(task)`. Recipe files in configs/
+start from it and set what their recipe says; every field can be overridden on the command line
+(`--config.batch_size=256`, `--config.optim.lr=1e-3`, `--config.mask.ratio=0.5`). The code reads fields
+directly, never with a fallback default of its own.
+
+`config.model` holds the model's architecture and execution (`vit_model`); what the data pipeline does is
+in `config.data`, `config.aug` (augmentation) and `config.mask` (MIM masking)."""
 from __future__ import annotations
 
 import ml_collections
 
-TASKS = ("tokenizer", "pretrain", "finetune", "linprobe", "knn", "demo")
+from beitv2_jax import tasks
 
 
 def base(task: str) -> ml_collections.ConfigDict:
@@ -31,9 +35,64 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=1 << 16))
   c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
   c.wandb = ml_collections.ConfigDict(dict(enabled=False, project="beitv2_jax", name=""))
+  # scale_lr_by_batch: the peak lr is lr * batch_size / the task's reference batch (Task.lr_batch_reference);
+  # on by default for the tokenizer only, as in the official scripts.
   c.optim = ml_collections.ConfigDict(dict(
-      lr=1e-3, min_lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, clip_grad=0.0))
+      lr=1e-3, min_lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, clip_grad=0.0,
+      scale_lr_by_batch=task == "tokenizer"))
+  _TASK_FIELDS[task](c)
   return c
+
+
+# The fields of each task beyond the shared ones, at the official recipe's values where it has one.
+def _tokenizer_fields(c):
+  c.teacher = "openai/clip-vit-base-patch16"  # a hub id, a local transformers folder, or "random"
+  c.teacher_dtype = "float32"
+  c.teacher_resize = False  # True: resize image + teacher features when the grids differ (non-official)
+  # teacher="random": an untrained CLIP ViT (kind "clip") or DINO ViT ("dino") of this size, for offline runs
+  c.random_teacher = ml_collections.ConfigDict(dict(width=64, depth=2, heads=2, dim=32, seed=0, kind="clip"))
+
+
+def _pretrain_fields(c):
+  c.tokenizer_path = ""   # a tokenizer workdir or an official vqkd_*.pth; "" trains `tokenizer` first
+  c.tokenizer_dtype = "float32"
+  c.tokenizer = ml_collections.config_dict.placeholder(ml_collections.ConfigDict)  # a tokenizer config, or None
+  # Block-wise masking (masking_generator.py): `ratio` of the patches (75 of 196 on ViT-B/16's 14x14 grid),
+  # blocks of at least `min_patches`.
+  c.mask = ml_collections.ConfigDict(dict(ratio=75 / 196, min_patches=16))
+  # One crop box for both views (DataAugmentationForBEiT): scale (min_crop_scale, 1), the ViT view bicubic,
+  # the tokenizer view with `second_interpolation`.
+  c.aug = ml_collections.ConfigDict(dict(min_crop_scale=0.2, second_interpolation="bicubic"))
+
+
+def _classifier_fields(c):
+  c.init_from = ""        # anything beitv2_jax.load reads; "" = random init
+  c.num_classes = 0       # 0: the dataset's
+  c.crop_pct = 0.875      # eval: Resize(img_size / crop_pct) + CenterCrop(img_size)
+
+
+def _finetune_fields(c):
+  _classifier_fields(c)
+  c.aug = ml_collections.ConfigDict(dict(
+      min_crop_scale=0.08, rand_augment_layers=2, rand_augment_magnitude=9.0, reprob=0.25, mixup=0.8,
+      cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1,
+      mixup_group_size=128))  # one mixup / cutmix draw per group of this many images (per GPU officially)
+  c.optim.layer_decay = 1.0  # < 1: layer-wise lr decay
+
+
+def _linprobe_fields(c):
+  _classifier_fields(c)
+  c.probe = ml_collections.ConfigDict(dict(layer=-1, pool="cls", batchnorm=True))
+
+
+def _knn_fields(c):
+  c.init_from = ""
+  c.probe = ml_collections.ConfigDict(dict(layer=-1, pool="cls"))
+  c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07))
+
+
+_TASK_FIELDS = {"tokenizer": _tokenizer_fields, "pretrain": _pretrain_fields, "finetune": _finetune_fields,
+                "linprobe": _linprobe_fields, "knn": _knn_fields, "demo": lambda c: None}
 
 
 def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
@@ -57,8 +116,8 @@ def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(m)
 
 
-def load_config_file(path: str, arg: str = "") -> ml_collections.ConfigDict:
-  """get_config(arg) of a recipe file (configs/*.py), loaded by path."""
+def load_recipe_module(path: str):
+  """A recipe file (configs/*.py) loaded by path as a module, without touching sys.path."""
   import importlib.util
   import os
   if not os.path.exists(path):
@@ -66,7 +125,19 @@ def load_config_file(path: str, arg: str = "") -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location(f"recipe_{os.path.basename(path)[:-3]}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module
+
+
+def load_config_file(path: str, arg: str = "") -> ml_collections.ConfigDict:
+  """get_config(arg) of a recipe file (configs/*.py), loaded by path."""
+  return load_recipe_module(path).get_config(arg)
+
+
+def sibling_recipe(this_file: str, name: str):
+  """The recipe `name` beside the recipe file `this_file` (a recipe passes its `__file__`), as a module:
+  how one recipe builds on another (configs/demo.py on the tiny ones, the large ones on the base ones)."""
+  import os
+  return load_recipe_module(os.path.join(os.path.dirname(os.path.abspath(this_file)), f"{name}.py"))
 
 
 def set_dotted(c: ml_collections.ConfigDict, key: str, value) -> None:
@@ -111,8 +182,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for field in ("seed", "batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps"):
     if field not in c:
       raise ValueError(f"config has no field '{field}' (every task config needs it)")
-  if c.task not in TASKS:
-    raise ValueError(f"unknown task {c.task!r}: expected one of {list(TASKS)}")
+  tasks.check_name(c.task)
   need(c.batch_size > 0, "batch_size", "must be positive")
   need(c.total_steps >= 0, "total_steps", "must be >= 0 (0: train for `epochs` epochs)")
   if c.total_steps == 0 and "epochs" in c:
@@ -142,10 +212,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
       need(m[field] >= 1, f"model.{field}", "must be >= 1")
   if "embed_dim" in m and "num_heads" in m:
     need(m.embed_dim % m.num_heads == 0, "model.embed_dim", f"not divisible by model.num_heads={m.num_heads}")
-  if "mask_ratio" in m:
+  if "mask" in c and "img_size" in m:
     n = (m.img_size // m.patch_size) ** 2
-    need(0 < m.mask_ratio < 1, "model.mask_ratio", "must be in (0, 1)")
-    need(round(m.mask_ratio * n) >= 1, "model.mask_ratio", f"masks no patch of the {n}")
+    need(0 < c.mask.ratio < 1, "mask.ratio", "must be in (0, 1)")
+    need(round(c.mask.ratio * n) >= 1, "mask.ratio", f"masks no patch of the {n}")
   if "early_layers" in m:
     need(1 <= m.early_layers <= m.depth, "model.early_layers", f"must be in [1, model.depth={m.depth}]")
 

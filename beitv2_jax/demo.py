@@ -16,14 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from beitv2_jax import api, checkpoint, parallel
+from beitv2_jax import api, checkpoint, parallel, tasks
 from beitv2_jax.config_defaults import set_dotted
 from beitv2_jax.data import sources, transforms
-from beitv2_jax.train import knn as knn_lib
 from beitv2_jax.train import loop
-from beitv2_jax.train.finetune import LinearProbeTask
-from beitv2_jax.train.pretrain import PretrainTask, imagenet_normalize
-from beitv2_jax.train.tokenizer import TokenizerTask
 from beitv2_jax.train.writer import read_metrics
 
 
@@ -42,18 +38,18 @@ def run(config, workdir: str) -> dict:
   tok_dir, pt_dir = os.path.join(workdir, "tokenizer"), os.path.join(workdir, "pretrain")
 
   # ---- 1. Tokenizer ------------------------------------------------------------------------------
-  _, tok_metrics = loop.run(TokenizerTask(config.tokenizer, tok_dir, mesh))
+  _, tok_metrics = loop.run(tasks.task_class("tokenizer")(config.tokenizer, tok_dir, mesh))
   # ---- 2. MIM pretraining ------------------------------------------------------------------------
   pt_config = _stage(config.pretrain, {"tokenizer_path": tok_dir})
-  _, pt_metrics = loop.run(PretrainTask(pt_config, pt_dir, mesh))
+  _, pt_metrics = loop.run(tasks.task_class("pretrain")(pt_config, pt_dir, mesh))
   # ---- 3. Probes: pretrained vs random init ------------------------------------------------------
   results = {"tokenizer": tok_metrics, "pretrain": pt_metrics}
   for name, init in (("pretrained", pt_dir), ("random_init", "")):
     lp = _stage(config.linprobe, {"init_from": init})
-    _, m = loop.run(LinearProbeTask(lp, os.path.join(workdir, f"linprobe_{name}"), mesh))
+    _, m = loop.run(tasks.task_class("linprobe")(lp, os.path.join(workdir, f"linprobe_{name}"), mesh))
     results[f"linprobe_{name}"] = m.get("top1", float("nan"))
     kc = _stage(config.knn, {"init_from": init})
-    results[f"knn_{name}"] = knn_lib.run(kc, os.path.join(workdir, f"knn_{name}"))["top1"]
+    results[f"knn_{name}"] = tasks.run_function("knn")(kc, os.path.join(workdir, f"knn_{name}"))["top1"]
 
   # ---- 4. Pictures and the table -----------------------------------------------------------------
   if main:
@@ -162,10 +158,9 @@ def pictures(config, workdir, tok_dir, pt_dir):
 
   # Masked prediction: image, mask, patches predicted right (green) / wrong (red)
   from beitv2_jax.data.masking import MaskingGenerator
-  mg = MaskingGenerator.from_ratio((grid, grid), config.pretrain.model.mask_ratio,
-                                   config.pretrain.model.get("min_mask_patches", None))
+  mg = MaskingGenerator.from_ratio((grid, grid), config.pretrain.mask.ratio, config.pretrain.mask.min_patches)
   masks = np.stack([mg(np.random.default_rng(s)).reshape(-1).astype(bool) for s in range(n_show)])
-  main_logits, _ = mim(np.asarray(imagenet_normalize(jnp.asarray(images))), masks)
+  main_logits, _ = mim(np.asarray(transforms.imagenet_normalize(jnp.asarray(images))), masks)
   pred = np.asarray(jnp.argmax(main_logits, -1))
   target = ids.reshape(n_show, -1)
   fig, ax = plt.subplots(3, n_show, figsize=(1.6 * n_show, 5))

@@ -22,29 +22,20 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl, TensorBo
 USER_ERRORS = (ValueError, OSError, KeyError, TypeError, ImportError)
 
 
-def get_task_class(name: str):
-  """The Task class of config.task (beitv2_jax/tasks.py)."""
-  from beitv2_jax.tasks import task_class
-  return task_class(name)
-
-
 def run(config, workdir: str):
   """Runs one config in-process (used by main and by the tests). Returns the task's result dict."""
-  from beitv2_jax import parallel
+  from beitv2_jax import parallel, tasks
   from beitv2_jax.config_defaults import validate
   validate(config)  # before any task is built: a bad value never costs a compile or touches the workdir
   d = config.distributed
   parallel.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
-  if config.task == "demo":
-    from beitv2_jax import demo
-    return demo.run(config, workdir)
-  if config.task == "knn":
-    from beitv2_jax.train import knn
-    return knn.run(config, workdir)
+  if config.task in tasks.RUNS:
+    return tasks.run_function(config.task)(config, workdir)
   from beitv2_jax.train import loop
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
   loop.validate(config, mesh)  # the batch against the mesh, before the task builds anything
-  task = get_task_class(config.task)(config, workdir, mesh)
+  config = tasks.train_tokenizer_stage(config, workdir, mesh)  # pretraining without a tokenizer: train one
+  task = tasks.task_class(config.task)(config, workdir, mesh)
   state, metrics = loop.run(task)
   return metrics
 

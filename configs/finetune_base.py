@@ -1,4 +1,4 @@
-"""ImageNet-1k fine-tuning of BEiT v2 ViT-B/16 (spec §4.1, get_started_for_image_classification.md).
+"""ImageNet-1k fine-tuning of BEiT v2 ViT-B/16 (docs/method.md §4.1, get_started_for_image_classification.md).
 
 Run:  python -m beitv2_jax.main --config=configs/finetune_base.py:pt1600 --workdir=$WORKDIR \
           --config.init_from=/path/to/beitv2_base_patch16_224_pt1k.pth     (or our pretrain workdir)
@@ -36,12 +36,11 @@ def finetune_config(size: str, setting: str):
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1250
   c.eval_every_steps = 1250
-  c.init_from = ""
   c.num_classes = 1000
   c.crop_pct = 0.875                 # eval: Resize(256) + CenterCrop(224)
   c.model = vit_model(size, dtype="bfloat16", init_values=0.1, drop_path_rate=drop_path, use_cls=False,
                       head_init_scale=0.001)
-  c.aug = dict(min_crop_scale=0.08, rand_augment_layers=2, rand_augment_magnitude=9.0, reprob=0.25,
+  c.aug.update(min_crop_scale=0.08, rand_augment_layers=2, rand_augment_magnitude=9.0, reprob=0.25,
                mixup=mixup, cutmix=cutmix, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1,
                # one mixup / cutmix draw per group, as per GPU officially: 1024 = 128 x 8 GPUs (base),
                # 64 x 8 x 2 nodes (large)

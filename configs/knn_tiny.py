@@ -11,8 +11,7 @@ def get_config(arg: str = ""):
   c = base("knn")
   c.data.name = "mnist5k"
   c.batch_size = 256
-  c.init_from = ""
   c.model = vit_model("tiny", init_values=0.1)
-  c.probe = dict(layer=-1, pool="cls")
-  c.knn = dict(k=20, temperature=0.07)
+  c.probe.update(layer=-1, pool="cls")
+  c.knn.update(k=20, temperature=0.07)
   return c

@@ -1,7 +1,7 @@
 """Linear probe of a BEiT v2 ViT-B/16 on ImageNet-1k (frozen encoder).
 
 Protocol (ours; no official linear-probe script exists and the paper's 80.1% was not reproduced by users,
-spec §4.2): the final-layer [CLS] after the final norm (what patch aggregation trains), a parameter-free
+docs/method.md §4.2): the final-layer [CLS] after the final norm (what patch aggregation trains), a parameter-free
 BatchNorm, one linear layer; AdamW lr 4e-3 (BEiT v1 linear eval's example), batch 1024, 100 epochs,
 cosine, RandomResizedCrop + flip; eval Resize(256) + CenterCrop(224). Options: `probe.pool=mean`,
 `probe.layer=k` (block k, 1-based), `probe.batchnorm=False`.
@@ -25,9 +25,8 @@ def get_config(arg: str = ""):
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2500
   c.eval_every_steps = 12500
-  c.init_from = ""
   c.num_classes = 1000
   c.model = vit_model("base", init_values=0.1)
-  c.probe = dict(layer=-1, pool="cls", batchnorm=True)
+  c.probe.update(layer=-1, pool="cls", batchnorm=True)
   c.optim.update(lr=4e-3, min_lr=0.0, b1=0.9, b2=0.999, weight_decay=0.0)
   return c

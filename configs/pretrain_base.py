@@ -1,4 +1,4 @@
-"""BEiT v2 ViT-B/16 masked image modeling, the official recipe (spec §3.6, PRETRAINING.md).
+"""BEiT v2 ViT-B/16 masked image modeling, the official recipe (docs/method.md §3.6, PRETRAINING.md).
 
 Run (ImageNet via tfds, a trained tokenizer; see README):
   python -m beitv2_jax.main --config=configs/pretrain_base.py:epochs=1600 --workdir=$WORKDIR \
@@ -48,12 +48,11 @@ def pretrain_config(size: str, arg: str):
   c.model = vit_model(size, dtype="bfloat16",
                       init_values={"base": 0.1, "large": 1e-5}[size],
                       drop_path_rate=0.1 if epochs == 1600 else 0.0,
-                      early_layers={"base": 9, "large": 21}[size], head_layers=2, agg_init_style="torch",
-                      mask_ratio=75 / 196, min_mask_patches=16, min_crop_scale=0.2,
-                      second_interpolation="bicubic")
-  c.tokenizer_path = ""   # an official vqkd_*.pth or a tokenizer workdir (required)
+                      early_layers={"base": 9, "large": 21}[size], head_layers=2, agg_init_style="torch")
+  c.mask.update(ratio=75 / 196, min_patches=16)  # 75 of the 14x14 patches
+  c.aug.update(min_crop_scale=0.2, second_interpolation="bicubic")
+  c.tokenizer_path = ""   # an official vqkd_*.pth or a tokenizer workdir (required: no `tokenizer` to train)
   c.tokenizer_dtype = "bfloat16"
-  c.tokenizer = None
   c.optim.update(lr=1.5e-3, min_lr=1e-5, b1=0.9, b2=0.999 if epochs == 1600 else 0.98, eps=1e-8,
                  weight_decay=0.05, clip_grad=3.0)
   return c

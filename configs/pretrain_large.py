@@ -1,4 +1,4 @@
-"""BEiT v2 ViT-L/16 masked image modeling, the official recipe (spec §3.6).
+"""BEiT v2 ViT-L/16 masked image modeling, the official recipe (docs/method.md §3.6).
 
 Run:  python -m beitv2_jax.main --config=configs/pretrain_large.py:epochs=1600 --workdir=$WORKDIR \
           --config.tokenizer_path=...
@@ -10,12 +10,8 @@ Labels' precision: as in configs/pretrain_base.py (the same ViT-B/16 tokenizer, 
 labels differ from float32 execution, 0.19% with --config.tokenizer_dtype=float16, the better choice on GPUs
 once checked there; bfloat16 by default because TPUs have no fast float16 matmul).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from pretrain_base import pretrain_config  # noqa: E402
+from beitv2_jax.config_defaults import sibling_recipe
 
 
 def get_config(arg: str = ""):
-  return pretrain_config("large", arg)
+  return sibling_recipe(__file__, "pretrain_base").pretrain_config("large", arg)

@@ -10,13 +10,7 @@ one code covering half the patches (the majority baseline is then ~50%); the pho
 Expected (2-core CPU, ~4 min): eval_mlm_acc_1 about twice eval_majority_code_acc (measured at 400 steps,
 evaluated on all photos: 0.22 vs 0.10).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import tokenizer_tiny  # noqa: E402
-
-from beitv2_jax.config_defaults import base, recipe_args, vit_model  # noqa: E402
+from beitv2_jax.config_defaults import base, recipe_args, sibling_recipe, vit_model
 
 
 def get_config(arg: str = ""):
@@ -31,11 +25,11 @@ def get_config(arg: str = ""):
   c.log_every_steps = 50
   c.checkpoint_every_steps = 200
   c.model = vit_model("tiny", init_values=0.1, drop_path_rate=0.0, early_layers=1, head_layers=2,
-                      agg_init_style="torch", mask_ratio=0.4, min_mask_patches=4, min_crop_scale=0.2,
-                      second_interpolation="bicubic")
-  c.tokenizer_path = ""
-  c.tokenizer_dtype = "float32"
-  c.tokenizer = tokenizer_tiny.get_config()
+                      agg_init_style="torch")
+  c.mask.update(ratio=0.4, min_patches=4)  # 26 of the 8x8 patches
+  c.aug.update(min_crop_scale=0.2, second_interpolation="bicubic")
+  c.tokenizer_path = ""                    # "": train `tokenizer` first, into WORKDIR/tokenizer
+  c.tokenizer = sibling_recipe(__file__, "tokenizer_tiny").get_config()
   c.tokenizer.data.train_split = "train"
   c.tokenizer.model.dead_code_restart_steps = 0
   c.optim.update(lr=1.5e-3, min_lr=1e-5, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05, clip_grad=3.0)

@@ -1,4 +1,4 @@
-"""VQ-KD tokenizer, the official recipe (spec §2): vqkd_encoder_base_decoder_3x768x12_clip.
+"""VQ-KD tokenizer, the official recipe (docs/method.md §2): vqkd_encoder_base_decoder_3x768x12_clip.
 
 Run (8 GPUs or a v4-8 / v5e-8; ImageNet prepared with tfds, see README):
   python -m beitv2_jax.main --config=configs/tokenizer_base.py --workdir=$WORKDIR
@@ -36,8 +36,6 @@ def get_config(arg: str = ""):
                       ema_decay=0.99, kmeans_init=True, dead_code_restart_steps=0, dtype="bfloat16")
   c.teacher = "openai/clip-vit-base-patch16"
   c.teacher_dtype = "bfloat16"
-  c.teacher_resize = False           # True: resize image + teacher features when the grids differ (non-official)
-  c.random_teacher = dict(width=64, depth=2, heads=2, dim=32, seed=0)
   # lr 5e-5 per 128 images, scaled by batch/128 in code -> 2e-4 at 512 (run_vqkd_training.py)
   c.optim.update(lr=5e-5, scale_lr_by_batch=True, min_lr=1e-5, b1=0.9, b2=0.99, eps=1e-8,
                  weight_decay=1e-4, clip_grad=0.0)

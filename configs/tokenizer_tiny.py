@@ -28,10 +28,7 @@ def get_config(arg: str = ""):
   c.model = vit_model("tiny", decoder_depth=1, decoder_embed_dim=64, decoder_num_heads=2, codebook_size=512,
                       codebook_dim=32, teacher_dim=0, ema_decay=0.99, kmeans_init=True,
                       dead_code_restart_steps=20)
-  c.teacher = "random"
-  c.teacher_dtype = "float32"
-  c.teacher_resize = False           # True: resize image + teacher features when the grids differ (non-official)
-  c.random_teacher = dict(width=64, depth=2, heads=2, dim=32, seed=0)
+  c.teacher = "random"               # the tiny CLIP of config.random_teacher: width 64, depth 2, dim 32
   c.optim.update(lr=5e-4, scale_lr_by_batch=False, min_lr=1e-5, b1=0.9, b2=0.99, eps=1e-8,
                  weight_decay=1e-4, clip_grad=0.0)
   return c

@@ -32,7 +32,7 @@ def test_mim_views_share_one_crop_box():
 
 def test_value_ranges_and_normalisation_constants():
   import jax.numpy as jnp
-  from beitv2_jax.train.pretrain import imagenet_normalize
+  from beitv2_jax.data.transforms import imagenet_normalize
   from beitv2_jax.models.vqkd import preprocess
   x = np.full((1, 2, 2, 3), 255, np.uint8)
   np.testing.assert_allclose(np.asarray(imagenet_normalize(jnp.asarray(x)))[0, 0, 0],

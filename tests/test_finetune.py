@@ -11,6 +11,7 @@ import beitv2_jax
 from beitv2_jax import main as entry
 from beitv2_jax.models.vit import VisionTransformer
 from beitv2_jax.train import finetune, optim
+from beitv2_jax.trees import flatten
 from helpers import (ROOT, assert_meshes_agree, assert_resume_is_bit_identical, finetune_config, linprobe_config,
                      load_config, tokenizer_config)
 
@@ -22,7 +23,7 @@ def test_layer_decay_scales_follow_the_official_ids():
                         use_abs_pos_emb=True)
   params = m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   scales = optim.layer_decay_scales(params, depth=3, decay=0.65)
-  flat = {optim.official_key(p): float(v) for p, v in __import__("beitv2_jax.convert", fromlist=["x"]).flatten(scales).items()}
+  flat = {optim.official_key(p): float(v) for p, v in flatten(scales).items()}
   L = 3
   for key, s in flat.items():
     if key.startswith(("cls_token", "pos_embed", "patch_embed")):
@@ -42,7 +43,6 @@ def test_layer_decay_scales_follow_the_official_ids():
 
 
 def test_weight_decay_mask_follows_the_official_groups():
-  from beitv2_jax.convert import flatten
   m = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=1, num_heads=2, num_classes=10,
                         use_mask_token=True, use_abs_pos_emb=True)
   params = m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
@@ -257,7 +257,7 @@ def _eval_images(data: str, size: int, split: str = "val", normalise: bool = Tru
   floats (the tokenizer's convention) with normalise=False; and its labels."""
   from PIL import Image
   from beitv2_jax.data import sources, transforms
-  from beitv2_jax.train.pretrain import imagenet_normalize
+  from beitv2_jax.data.transforms import imagenet_normalize
   src = sources.make_source(data, split)
   t = transforms.EvalTransform(size)
   x = np.stack([t(Image.fromarray(src[i]["image"]), None)["image"] for i in range(len(src))])

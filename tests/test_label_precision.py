@@ -13,7 +13,7 @@ import pytest
 
 from beitv2_jax import api
 from beitv2_jax.models.vqkd import VQKD
-from beitv2_jax.train.tokenizer import vqkd_kwargs
+from beitv2_jax.models.vqkd import vqkd_kwargs
 from helpers import ROOT
 
 N_IMAGES = 26  # every photo: 1664 patches of an 8x8 grid

@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import pytest
 
 from beitv2_jax import main as entry
 from beitv2_jax.train.writer import read_metrics

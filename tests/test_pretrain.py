@@ -1,4 +1,6 @@
-"""MIM pretraining: aggregation-head wiring, loss against a direct computation, 8 vs 1 devices, load/export."""
+"""MIM pretraining: aggregation-head wiring, loss against a direct computation, 8 vs 1 devices, load/export,
+the tokenizer stage main runs first."""
+import json
 
 import flax.linen as nn
 import jax
@@ -11,14 +13,29 @@ from beitv2_jax import main as entry, parallel
 from beitv2_jax.models.mim import BEiTForMIM, backbone_defaults, agg_drop_path_rates
 from beitv2_jax.models.vit import Block
 from beitv2_jax.train.pretrain import PretrainTask
-from helpers import assert_meshes_agree, assert_resume_is_bit_identical, pretrain_config, tokenizer_config
+from beitv2_jax.train.writer import read_metrics
+from helpers import (assert_meshes_agree, assert_resume_is_bit_identical, params_of, pretrain_config,
+                     tokenizer_config)
+
+
+def _staged_config(pretrain_steps):
+  c = pretrain_config("", steps=pretrain_steps)
+  c.tokenizer = tokenizer_config(steps=20)  # the tiny digits tokenizer: 64 codes
+  return c
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("tok"))
-  entry.run(tokenizer_config(steps=20), wd)
+def staged_run(tmp_path_factory):
+  """A pretraining run with an empty tokenizer_path, as `python -m beitv2_jax.main` runs it: stage 1 trains
+  config.tokenizer into WORKDIR/tokenizer (the tokenizer every test here uses), stage 2 pretrains 2 steps."""
+  wd = tmp_path_factory.mktemp("staged")
+  entry.run(_staged_config(2), str(wd))
   return wd
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(staged_run):
+  return str(staged_run / "tokenizer")
 
 
 def _tiny_mim(depth=3, early=1):
@@ -158,3 +175,21 @@ def test_mim_checkpoint_loads_and_exports_to_the_official_layout(tokenizer_dir, 
   for i in range(2):
     np.testing.assert_array_equal(np.asarray(clf.params[f"blocks_{i}"]["attn"]["relative_position_bias_table"]), t)
   assert clf(np.asarray(x)).shape == (2, 10)
+
+
+
+def test_an_empty_tokenizer_path_trains_the_tokenizer_stage_first_and_a_rerun_reuses_it(staged_run, tmp_path):
+  """Stage 1 then stage 2 (the `staged_run` fixture). Building a PretrainTask never trains (an empty path is
+  refused, nothing written); the rerun continues stage 2 and only reloads stage 1."""
+  with pytest.raises(ValueError, match="tokenizer_path is empty"):
+    PretrainTask(_staged_config(2), str(tmp_path / "pt"), parallel.make_mesh(1, 1))
+  assert not (tmp_path / "pt").exists()
+  tok = str(staged_run / "tokenizer")
+  assert int(params_of(tok)["step"]) == 20 and int(params_of(str(staged_run))["step"]) == 2
+  with open(staged_run / "config.json") as f:
+    assert json.load(f)["config"]["tokenizer_path"] == tok
+  assert beitv2_jax.load(str(staged_run)).module.vocab_size == 64  # stage 2's vocabulary: stage 1's codebook
+  tokenizer_rows = read_metrics(tok)
+  entry.run(_staged_config(4), str(staged_run))
+  assert int(params_of(str(staged_run))["step"]) == 4
+  assert read_metrics(tok) == tokenizer_rows and int(params_of(tok)["step"]) == 20

@@ -7,22 +7,20 @@ Scanned models keep blocks stacked under `blocks/block`; they are unstacked befo
 Reading a file never runs code from it (read_state_dict: torch weights-only with argparse.Namespace allowed,
 .npz without pickles); .safetensors is the preferred format.
 
-CLI:
-  python -m beitv2_jax.convert --src beitv2_base_patch16_224.pth --dst ckpt_dir      # -> our checkpoint
-  python -m beitv2_jax.convert --src WORKDIR --dst model.safetensors --format timm   # -> timm / official
-A bad file, path or option ends in one `error: ...` line (exit 1; 2 for a bad option).
+The command line (`python -m beitv2_jax.convert`) is in `convert/__main__.py`: it loads through
+`beitv2_jax.api`, which itself builds on this module.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
-import sys
 import zipfile
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from beitv2_jax import trees
 from beitv2_jax.errors import one_line
 
 # Keys the official / timm checkpoints carry that are buffers, not parameters.
@@ -140,36 +138,16 @@ def _qualname(obj) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# Tree utilities
+# Scanned <-> per-layer blocks
 # ------------------------------------------------------------------------------------------------
-def flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def unflatten(flat: Mapping[tuple, Any]) -> dict:
-  tree: dict = {}
-  for path, v in flat.items():
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return tree
-
-
 def unstack_scanned(params: Mapping) -> dict:
   """`{name}/block/...` stacked over layers -> `{name}_i/...` (any nesting level)."""
   out = {}
   for k, v in params.items():
     if isinstance(v, Mapping) and set(v.keys()) == {"block"}:
-      n = jax_leaves(v)[0].shape[0]
+      n = trees.leaves(v)[0].shape[0]
       for i in range(n):
-        out[f"{k}_{i}"] = _map_leaves(v["block"], lambda a: a[i])
+        out[f"{k}_{i}"] = trees.map_leaves(v["block"], lambda a: a[i])
     elif isinstance(v, Mapping):
       out[k] = unstack_scanned(v)
     else:
@@ -182,9 +160,9 @@ def stack_for_scan(params: Mapping, template: Mapping) -> dict:
   out = {}
   for k, v in template.items():
     if isinstance(v, Mapping) and set(v.keys()) == {"block"}:
-      n = jax_leaves(v)[0].shape[0]
+      n = trees.leaves(v)[0].shape[0]
       blocks = [params[f"{k}_{i}"] for i in range(n)]
-      out[k] = {"block": _map_leaves_multi(blocks, lambda *xs: np.stack([np.asarray(x) for x in xs]))}
+      out[k] = {"block": trees.map_leaves_multi(blocks, lambda *xs: np.stack([np.asarray(x) for x in xs]))}
     elif isinstance(v, Mapping):
       out[k] = stack_for_scan(params[k], v)
     else:
@@ -192,38 +170,9 @@ def stack_for_scan(params: Mapping, template: Mapping) -> dict:
   return out
 
 
-def jax_leaves(tree):
-  return list(flatten(tree).values()) if isinstance(tree, Mapping) else [tree]
-
-
-def _map_leaves(tree, fn):
-  return {k: _map_leaves(v, fn) if isinstance(v, Mapping) else fn(v) for k, v in tree.items()}
-
-
-def _map_leaves_multi(trees, fn):
-  first = trees[0]
-  return {k: _map_leaves_multi([t[k] for t in trees], fn) if isinstance(first[k], Mapping)
-          else fn(*[t[k] for t in trees]) for k in first}
-
-
 # ------------------------------------------------------------------------------------------------
 # Key mapping
 # ------------------------------------------------------------------------------------------------
-def path_to_key(path: Iterable[str]) -> str:
-  """('blocks_3', 'attn', 'qkv', 'kernel') -> 'blocks.3.attn.qkv.weight'."""
-  parts = []
-  for p in path:
-    if p == "patch_embed_proj":
-      parts += ["patch_embed", "proj"]
-      continue
-    m = re.fullmatch(r"(.+)_(\d+)", p)
-    if m and not p.startswith("gamma_"):
-      parts += [m.group(1), m.group(2)]
-    else:
-      parts.append({"kernel": "weight", "scale": "weight"}.get(p, p))
-  return ".".join(parts)
-
-
 def to_torch_layout(path: tuple, a: np.ndarray) -> np.ndarray:
   a = np.asarray(a, dtype=np.float32)
   if path[-1] == "kernel":
@@ -243,10 +192,10 @@ def to_state_dict(params: Mapping, strip: str = "", add: str = "") -> dict[str, 
   `add`: a key prefix to add (e.g. 'encoder.')."""
   params = unstack_scanned(params)
   out = {}
-  for path, a in flatten(params).items():
+  for path, a in trees.flatten(params).items():
     if strip and path[0] == strip:
       path = path[1:]
-    out[add + path_to_key(path)] = to_torch_layout(path, a)
+    out[add + trees.path_to_key(path)] = to_torch_layout(path, a)
   return out
 
 
@@ -257,13 +206,13 @@ def from_state_dict(sd: Mapping[str, np.ndarray], template: Mapping, strip: str 
   Raises CheckpointMismatchError listing every missing, unexpected and mis-shaped key. Keys matching a
   regex in `ignore` (or a buffer) are allowed to be unused.
   """
-  unrolled = unstack_scanned(_map_leaves(template, lambda a: np.zeros(a.shape, np.float32)))
-  flat = flatten(unrolled)
+  unrolled = unstack_scanned(trees.map_leaves(template, lambda a: np.zeros(a.shape, np.float32)))
+  flat = trees.flatten(unrolled)
   used, missing, shapes = set(), [], []
   out = {}
   for path, ref in flat.items():
     tpath = path[1:] if strip and path[0] == strip else path
-    key = add + path_to_key(tpath)
+    key = add + trees.path_to_key(tpath)
     if key not in sd:
       missing.append(key)
       continue
@@ -283,7 +232,7 @@ def from_state_dict(sd: Mapping[str, np.ndarray], template: Mapping, strip: str 
         lines.append(f"  {title} ({len(items)}): " + ", ".join(sorted(items)[:20])
                      + (" ..." if len(items) > 20 else ""))
     raise CheckpointMismatchError("\n".join(lines))
-  tree = unflatten(out)
+  tree = trees.unflatten(out)
   if _is_scanned(template):
     tree = stack_for_scan(tree, template)
   return tree
@@ -296,7 +245,7 @@ def _torch_shape(path, shape):
 
 
 def _is_scanned(tree) -> bool:
-  return any("block" in p and p[p.index("block") - 1] == "blocks" for p in flatten(tree) if len(p) > 1)
+  return any("block" in p and p[p.index("block") - 1] == "blocks" for p in trees.flatten(tree) if len(p) > 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,62 +366,3 @@ def infer_vit_config(sd: Mapping[str, np.ndarray], prefix: str = "", head_dim: i
       final_norm="fc_norm" if f"{p}fc_norm.weight" in sd else "norm",
   )
   return cfg
-
-
-# Errors a user's input causes (a bad file, path or option): one line and exit 1, as beitv2_jax.main.
-USER_ERRORS = (ValueError, OSError, KeyError, TypeError, ImportError)
-FILE_FORMATS = (".safetensors", ".pth", ".pt", ".bin")
-
-
-class _OneLineParser(argparse.ArgumentParser):
-  """argparse, but a bad option is one `error: ...` line (exit 2) instead of usage + error."""
-
-  def error(self, message):
-    self.exit(2, f"error: {message} (see --help)\n")
-
-
-def check_dst(dst: str, fmt: str) -> None:
-  """Refuses a --dst that cannot hold --format's output before the (slow) load."""
-  if fmt == "timm" and not dst.endswith(FILE_FORMATS):
-    raise ValueError(f"--dst {dst}: --format timm writes a file ending in {' / '.join(FILE_FORMATS)}")
-  if fmt == "ours" and (dst.endswith(FILE_FORMATS + (".npz",)) or os.path.isfile(dst)):
-    raise ValueError(f"--dst {dst}: --format ours writes a directory (config.json + checkpoints/); "
-                     f"use --format timm for a {' / '.join(FILE_FORMATS)} file")
-
-
-def main(argv=None):
-  ap = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--src", required=True, help="official/timm file, or our workdir / checkpoint dir")
-  ap.add_argument("--dst", required=True, help=".safetensors / .pth (for --format timm) or a directory")
-  ap.add_argument("--format", choices=("ours", "timm"), default="ours",
-                  help="ours: write a checkpoint beitv2_jax.load reads; timm: the official/timm key layout")
-  args = ap.parse_args(argv)
-  from beitv2_jax import api
-  try:
-    check_dst(args.dst, args.format)
-  except ValueError as e:
-    _exit_with(e)
-  try:
-    model = api.load(args.src)
-  except USER_ERRORS as e:
-    _exit_with(e, args.src)
-  try:
-    if args.format == "timm":
-      api.export_state_dict(model, args.dst)
-    else:
-      api.save_model(model, args.dst)
-  except USER_ERRORS as e:
-    _exit_with(e, args.dst)
-  print(f"wrote {args.dst} ({model.kind})")
-
-
-def _exit_with(e: BaseException, path: str = ""):
-  """`error: Type: message` on one line (exit 1); `path` is prefixed when the message does not name it."""
-  text = one_line(e)
-  if path and path not in text:
-    text = f"{path}: {text}"
-  sys.exit(f"error: {type(e).__name__}: {text}")
-
-
-if __name__ == "__main__":
-  main()

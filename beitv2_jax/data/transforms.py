@@ -10,11 +10,23 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_unit(images_uint8: jax.Array) -> jax.Array:
+  """ToTensor: uint8 [0, 255] -> float32 [0, 1], on the device (what the tokenizer and teachers take)."""
+  return images_uint8.astype(jnp.float32) / 255.0
+
+
+def imagenet_normalize(images_uint8: jax.Array) -> jax.Array:
+  """ToTensor + Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), on the device."""
+  return (to_unit(images_uint8) - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS,
           "nearest": Image.NEAREST}
 

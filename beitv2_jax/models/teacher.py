@@ -1,4 +1,4 @@
-"""Frozen teachers for VQ-KD (spec §1.3), as our own Flax modules whose parameter trees are transformers'
+"""Frozen teachers for VQ-KD (docs/method.md §1.3), as our own Flax modules whose parameter trees are transformers'
 Flax trees, so they work whether or not the installed transformers still ships Flax classes.
 
 - CLIP (`CLIPModel` checkpoints): target = post_layernorm(all tokens)[:, 1:] @ visual_projection -> 512-d.
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from beitv2_jax.convert import flatten, unflatten
+from beitv2_jax.trees import flatten, unflatten
 from beitv2_jax.models import attention as attention_lib
 
 Array = jax.Array

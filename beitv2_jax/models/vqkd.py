@@ -1,4 +1,4 @@
-"""VQ-KD tokenizer (spec §1.1): ViT encoder -> Linear-Tanh-Linear to 32-d -> l2norm -> quantize ->
+"""VQ-KD tokenizer (docs/method.md §1.1): ViT encoder -> Linear-Tanh-Linear to 32-d -> l2norm -> quantize ->
 ViT decoder over the code map -> Linear-Tanh-Linear to the teacher's dim.
 
 The codebook lives outside the module (`quantizer.Codebook`), so `encode` and `decode` are pure.
@@ -29,6 +29,17 @@ def encoder_defaults(**kw) -> dict:
 def decoder_defaults(grid: int, **kw) -> dict:
   """The decoder is the same ViT over the (grid x grid x 32) code map with a 1x1 'patch embed'."""
   return encoder_defaults(img_size=grid, patch_size=1, **kw)
+
+
+def vqkd_kwargs(m, teacher_dim: int) -> dict:
+  """VQKD constructor kwargs from a tokenizer's `config.model` ConfigDict."""
+  grid = m.img_size // m.patch_size
+  enc = encoder_defaults(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
+                         num_heads=m.num_heads, mlp_ratio=m.get("mlp_ratio", 4.0))
+  dec = decoder_defaults(grid, embed_dim=m.decoder_embed_dim, depth=m.decoder_depth,
+                         num_heads=m.decoder_num_heads, mlp_ratio=m.get("mlp_ratio", 4.0))
+  return dict(encoder=enc, decoder=dec, codebook_size=m.codebook_size, codebook_dim=m.codebook_dim,
+              teacher_dim=teacher_dim)
 
 
 def preprocess(images01: Array) -> Array:

@@ -1,11 +1,10 @@
-"""Tasks `finetune` (spec §4.1) and `linprobe` (§4.2): classifiers on a pretrained encoder.
+"""Tasks `finetune` (docs/method.md §4.1) and `linprobe` (§4.2): classifiers on a pretrained encoder.
 
 The encoder comes from `config.init_from`: anything `beitv2_jax.load` reads (our pretrain / tokenizer /
 finetune workdir, an official or timm file); empty means random init of `config.model`.
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import flax.linen as nn
@@ -18,9 +17,7 @@ from beitv2_jax import api, flops
 from beitv2_jax.data import transforms
 from beitv2_jax.models.vit import VisionTransformer
 from beitv2_jax.train import optim
-from beitv2_jax.train.loop import Task, TrainState
-from beitv2_jax.train.pretrain import imagenet_normalize
-from beitv2_jax.train.tokenizer import dtype_of
+from beitv2_jax.train.loop import Task
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,20 +130,17 @@ def topk_correct(logits, labels, ks=(1, 5)):
 
 # ------------------------------------------------------------------------------------------------
 class _ClassifierTask(Task):
-  """Shared: data, evaluation, schedule."""
+  """Shared: the class count, evaluation (top-1 / top-5)."""
 
   def __init__(self, config, workdir, mesh):
     super().__init__(config, workdir, mesh)
-    self.num_classes = config.get("num_classes", 0) or self.train_source.num_classes
-    o = config.optim
-    lr = o.lr * config.batch_size / 256 if o.get("scale_lr_by_batch", False) else o.lr
-    self.schedule = optim.warmup_cosine(lr, self.total_steps, self.warmup_steps, o.min_lr)
+    self.num_classes = config.num_classes or self.train_source.num_classes
 
   def evaluate(self, state) -> dict:
     c = self.config
     eval_fn, frozen = jax.jit(self._eval_batch), self.replicated_frozen()
     sums = np.zeros(3)
-    for batch in self.eval_batches(transforms.EvalTransform(c.model.img_size, c.get("crop_pct", 0.875))):
+    for batch in self.eval_batches(transforms.EvalTransform(c.model.img_size, c.crop_pct)):
       sums += np.asarray(jax.device_get(eval_fn(state, batch, frozen)))
     if not sums[2]:
       return {}
@@ -172,7 +166,7 @@ class FinetuneTask(_ClassifierTask):
     if config.init_from:
       loaded = api.load(config.init_from)
       if loaded.kind == "classifier":  # a fine-tuned checkpoint: re-head if the class count differs
-        self.init_model = _reclassify(loaded, overrides)
+        self.init_model = api.reclassify(loaded, **overrides)
       else:
         self.init_model = api.convert_kind(loaded, "classifier", **overrides)
       self.kwargs = dict(self.init_model.config)
@@ -181,11 +175,11 @@ class FinetuneTask(_ClassifierTask):
                          mlp_ratio=m.mlp_ratio, use_abs_pos_emb=False, rel_pos="layer", init_values=m.init_values,
                          init_style="finetune", **overrides)
     self.kwargs.pop("scan", None); self.kwargs.pop("remat", None)
-    self.model = VisionTransformer(**self.kwargs, dtype=dtype_of(m.dtype), scan=m.scan, remat=m.remat,
-                                   attention=m.get("attention", "auto"))
+    self.model = VisionTransformer(**self.kwargs, dtype=api.dtype_of(m.dtype), scan=m.scan, remat=m.remat,
+                                   attention=m.attention)
     a = config.aug
     if a.mixup > 0 or a.cutmix > 0:
-      mixup_groups(config.batch_size, a.get("mixup_group_size", 128))  # a bad group size fails here, not in jit
+      mixup_groups(config.batch_size, a.mixup_group_size)  # a bad group size fails here, not in jit
     self.flops_per_example = 3 * flops.vit_forward_flops(m.img_size, self.kwargs["patch_size"],
                                                          self.kwargs["embed_dim"], self.kwargs["depth"],
                                                          self.kwargs["mlp_ratio"])
@@ -193,7 +187,7 @@ class FinetuneTask(_ClassifierTask):
   def train_transform(self):
     a = self.config.aug
     return transforms.FinetuneTrain(self.config.model.img_size, a.rand_augment_layers, a.rand_augment_magnitude,
-                                    a.reprob, scale=(a.get("min_crop_scale", 0.08), 1.0))
+                                    a.reprob, scale=(a.min_crop_scale, 1.0))
 
   def tx(self, params):
     o = self.config.optim
@@ -204,31 +198,31 @@ class FinetuneTask(_ClassifierTask):
     k_init, k_state = jax.random.split(rng)
     s = self.config.model.img_size
     if self.init_model is not None:
-      params = api._relayout(self.init_model.params, jax.eval_shape(
+      params = api.relayout(self.init_model.params, jax.eval_shape(
           lambda: self.model.init(k_init, jnp.zeros((1, s, s, 3)))["params"]))
     else:
       params = self.model.init(k_init, jnp.zeros((1, s, s, 3)))["params"]
       from beitv2_jax.models.vit import rescale_init
       params = rescale_init(params, [("blocks", 1)])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx(params).init(params),
-                      rng=k_state)
+    return self.new_state(params, k_state)
 
   def model_info(self):
     return {"kind": "classifier", "model": dict(self.kwargs, scan=self.config.model.scan)}
 
   def logits(self, state, batch, frozen, train=False):
-    return self.model.apply({"params": state.params}, imagenet_normalize(batch["image"]), train=train)["logits"]
+    images = transforms.imagenet_normalize(batch["image"])
+    return self.model.apply({"params": state.params}, images, train=train)["logits"]
 
   def train_step(self, state, batch, frozen):
     a = self.config.aug
     rng = jax.random.fold_in(state.rng, state.step)
     k_erase, k_mix, k_drop = jax.random.split(rng, 3)
-    images = imagenet_normalize(batch["image"])
+    images = transforms.imagenet_normalize(batch["image"])
     if "erase" in batch:
       images = apply_random_erasing(k_erase, images, batch["erase"])
     if a.mixup > 0 or a.cutmix > 0:
       images, targets = grouped_mixup_cutmix(
-          k_mix, images, batch["label"], self.num_classes, a.get("mixup_group_size", 128), mixup_alpha=a.mixup,
+          k_mix, images, batch["label"], self.num_classes, a.mixup_group_size, mixup_alpha=a.mixup,
           cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob, smoothing=a.label_smoothing)
     else:
       targets = smooth_one_hot(batch["label"], self.num_classes, a.label_smoothing)
@@ -244,23 +238,6 @@ class FinetuneTask(_ClassifierTask):
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def _reclassify(model: api.Model, overrides: dict) -> api.Model:
-  """A classifier checkpoint with a possibly different head / resolution / pooling."""
-  sd = api.convert.to_state_dict(model.params)
-  cfg = dict(model.config)
-  cfg.update(overrides)
-  module = api.build_module("classifier", cfg)
-  init = module.init(jax.random.key(0), jnp.zeros((1, cfg["img_size"], cfg["img_size"], 3)))["params"]
-  fresh = api.convert.to_state_dict(init)
-  if sd.get("head.weight") is not None and sd["head.weight"].shape == fresh["head.weight"].shape:
-    fresh = {k: v for k, v in fresh.items() if not k.startswith("head.")}
-    fresh.update({k: sd[k] for k in ("head.weight", "head.bias")})
-  sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-  sd = api.classifier_state_dict(sd, cfg, fresh)
-  params = api.convert.from_state_dict(sd, api._template(module, "classifier"), what=model.source)
-  return api.Model("classifier", module, jax.tree.map(jnp.asarray, params), cfg, None, model.source)
-
-
 # ------------------------------------------------------------------------------------------------
 class LinearProbeTask(_ClassifierTask):
   """A linear classifier on frozen features (protocol in configs/linprobe_tiny.py's docstring).
@@ -272,10 +249,9 @@ class LinearProbeTask(_ClassifierTask):
   def __init__(self, config, workdir, mesh):
     super().__init__(config, workdir, mesh)
     p = config.probe
-    self.encoder = load_encoder(config)
+    self.encoder = api.load_encoder(config.init_from, config.model, config.seed)
     self.feature, enc_params = api.feature_fn(self.encoder, p.layer, p.pool)
     self.frozen = enc_params
-    self.is_tokenizer = self.encoder.kind == "tokenizer"
     s = config.model.img_size
     dim = jax.eval_shape(self.feature, enc_params, jnp.zeros((1, s, s, 3))).shape[-1]
     self.dim = dim
@@ -288,16 +264,11 @@ class LinearProbeTask(_ClassifierTask):
   def train_transform(self):
     return transforms.TokenizerTrain(self.config.model.img_size)  # RandomResizedCrop + flip
 
-  def tx(self, params):
-    o = self.config.optim
-    return optim.adamw(params, self.schedule, o.b1, o.b2, o.eps, o.weight_decay)
-
   def init_state(self, rng):
     k_init, k_state = jax.random.split(rng)
     params = self.head.init(k_init, jnp.zeros((1, self.dim)))["params"]
     extra = {"mean": jnp.zeros((self.dim,)), "var": jnp.ones((self.dim,))}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx(params).init(params),
-                      rng=k_state, extra=extra)
+    return self.new_state(params, k_state, extra=extra)
 
   def model_info(self):
     # The frozen encoder is not in the checkpoint: api.load reads it again from here (an absolute path, so
@@ -307,7 +278,7 @@ class LinearProbeTask(_ClassifierTask):
             "num_classes": self.num_classes}
 
   def features(self, frozen, images_uint8):
-    x = images_uint8.astype(jnp.float32) / 255.0 if self.is_tokenizer else imagenet_normalize(images_uint8)
+    x = api.encoder_input(self.encoder, images_uint8)
     return jax.lax.stop_gradient(self.feature(frozen, x))
 
   def logits(self, state, batch, frozen, train=False):
@@ -340,11 +311,3 @@ def _encoder_shape(model: api.Model) -> tuple[int, int, int, float]:
     return e["patch_size"], e["embed_dim"], e["depth"], e.get("mlp_ratio", 4.0)
   v = model.module
   return v.patch_size, v.embed_dim, v.depth, v.mlp_ratio
-
-
-def load_encoder(config) -> api.Model:
-  """config.init_from loaded, or a random-init encoder of config.model (the baseline)."""
-  if config.init_from:
-    return api.load(config.init_from)
-  logging.info("init_from is empty: probing a randomly initialised encoder")
-  return api.random_encoder(config.model, config.seed)

@@ -13,8 +13,6 @@ import numpy as np
 
 from beitv2_jax import checkpoint, parallel
 from beitv2_jax.data import pipeline, sources, transforms
-from beitv2_jax.train.finetune import load_encoder
-from beitv2_jax.train.pretrain import imagenet_normalize
 from beitv2_jax.train.writer import MetricWriter
 from beitv2_jax import api
 
@@ -23,12 +21,10 @@ def extract(config, model: api.Model, split: str, mesh):
   """L2-normalised features and labels of a whole split, gathered on every process."""
   from jax.experimental import multihost_utils
   f, params = api.feature_fn(model, config.probe.layer, config.probe.pool)
-  is_tok = model.kind == "tokenizer"
 
   @jax.jit
   def fn(params, batch):
-    x = batch["image"].astype(jnp.float32) / 255.0 if is_tok else imagenet_normalize(batch["image"])
-    feats = f(params, x)
+    feats = f(params, api.encoder_input(model, batch["image"]))
     return feats / jnp.maximum(jnp.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
 
   source = sources.make_source(config.data.name, split)
@@ -65,7 +61,7 @@ def knn_classify(train_feats, train_labels, test_feats, num_classes, k=20, tempe
 
 def run(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-  model = load_encoder(config)
+  model = api.load_encoder(config.init_from, config.model, config.seed)
   trf, trl, num_classes = extract(config, model, config.data.train_split, mesh)
   tef, tel, _ = extract(config, model, config.data.eval_split, mesh)
   pred = knn_classify(trf, trl, tef, num_classes, config.knn.k, config.knn.temperature)

@@ -16,11 +16,14 @@ from typing import Any, Callable, Optional
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from beitv2_jax import checkpoint, parallel, roofline
 from beitv2_jax.config_defaults import validate as validate_config
 from beitv2_jax.data import pipeline, sources
+from beitv2_jax.train import optim
 from beitv2_jax.train.writer import MetricWriter
 
 
@@ -43,9 +46,20 @@ class NonFiniteError(RuntimeError):
 
 
 class Task:
-  """What a task provides to the loop. Subclasses set these in __init__ and implement the methods."""
+  """Everything the loop uses of a task. `Task.__init__` sets the run's length and learning-rate schedule
+  from the config; a subclass builds its model (and its frozen inputs) in its own __init__, which must be
+  cheap and free of side effects (nothing trained, nothing written), and implements the methods marked
+  "to implement"."""
   name: str = "task"
+  # The batch size `optim.lr` is quoted for: with optim.scale_lr_by_batch the schedule's peak is
+  # lr * batch_size / lr_batch_reference (the official VQ-KD script scales by batch / 128).
+  lr_batch_reference: int = 256
+
+  # Set by a subclass's __init__.
   flops_per_example: float = 0.0  # model FLOPs of one training example (fwd + bwd), for MFU
+  # Frozen inputs of the step that are not checkpointed with the run (the VQ-KD teacher, the tokenizer
+  # that gives MIM targets, a probed encoder): passed to train_step as a third argument, never donated.
+  frozen: Any = None
 
   def __init__(self, config, workdir: str, mesh):
     self.config, self.workdir, self.mesh = config, workdir, mesh
@@ -56,8 +70,11 @@ class Task:
     self.steps_per_epoch = max(1, n // config.batch_size)
     self.total_steps = int(config.total_steps) if config.total_steps > 0 else int(
         round(config.epochs * self.steps_per_epoch))
-    ws = config.get("warmup_steps", -1)
+    ws = config.warmup_steps
     self.warmup_steps = int(ws) if ws >= 0 else int(round(config.warmup_epochs * self.steps_per_epoch))
+    o = config.optim
+    peak = o.lr * config.batch_size / self.lr_batch_reference if o.scale_lr_by_batch else o.lr
+    self.schedule: Callable = optim.warmup_cosine(peak, self.total_steps, self.warmup_steps, o.min_lr)
 
   # --- to implement -------------------------------------------------------------------------------
   def train_transform(self) -> Callable:
@@ -80,6 +97,7 @@ class Task:
     return None
 
   def evaluate(self, state: TrainState) -> dict:
+    """Metrics on the held-out split (`eval_batches`), logged at eval_every_steps and at the end."""
     return {}
 
   def model_info(self) -> dict:
@@ -87,16 +105,23 @@ class Task:
     return {}
 
   def state_rules(self):
+    """Sharding rules for state leaves, (regex over the leaf path, PartitionSpec) pairs; none: FSDP by size."""
     return ()
 
-  # Frozen inputs of the step that are not checkpointed with the run (the VQ-KD teacher, the tokenizer
-  # that gives MIM targets): passed to train_step as a third argument, never donated.
-  frozen: Any = None
+  def tx(self, params) -> optax.GradientTransformation:
+    """The optimizer: AdamW of `config.optim` with the official no-decay groups and gradient clipping
+    (optim.adamw) on `self.schedule`."""
+    o = self.config.optim
+    return optim.adamw(params, self.schedule, o.b1, o.b2, o.eps, o.weight_decay, clip_grad=o.clip_grad or None)
 
   # --- shared helpers -----------------------------------------------------------------------------
+  def new_state(self, params, rng: jax.Array, extra: Any = None) -> TrainState:
+    """The state at step 0: `params` with a fresh optimizer state of `tx`."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx(params).init(params),
+                      rng=rng, extra=extra)
+
   def apply_gradients(self, state: TrainState, grads) -> tuple[Any, Any, dict]:
     """One optimizer update: (new params, new optimizer state, {grad_norm, lr})."""
-    import optax
     updates, opt_state = self.tx(state.params).update(grads, state.opt_state, state.params)
     return (optax.apply_updates(state.params, updates), opt_state,
             {"grad_norm": optax.tree.norm(grads), "lr": self.schedule(state.step)})
@@ -105,7 +130,7 @@ class Task:
     """Global batches of the held-out split (`data.eval_split`; none when it is empty), each example once
     (padding rows have valid=0)."""
     c = self.config
-    split = c.data.get("eval_split", "")
+    split = c.data.eval_split
     if not split:
       return
     source = sources.make_source(c.data.name, split)
@@ -119,7 +144,7 @@ class Task:
   def train_data(self):
     c = self.config
     return pipeline.train_dataset(self.train_source, self.train_transform(), c.batch_size, c.seed,
-                                  num_workers=c.data.num_workers, read_threads=c.data.get("read_threads", 4))
+                                  num_workers=c.data.num_workers, read_threads=c.data.read_threads)
 
 
 def _install_sigterm() -> Callable[[], bool]:
@@ -155,7 +180,7 @@ def jit_step(step: Callable, state_shardings: Any, mesh) -> Callable:
 def placement(task: Task, abstract_state: Any) -> tuple[Any, Any]:
   """Where the loop puts the train state and the frozen inputs: their shardings over task.mesh (the task's
   rules, else FSDP by size). beitv2_jax.aot compiles with the same."""
-  rules, min_size = task.state_rules(), task.config.mesh.get("fsdp_min_size", 1 << 16)
+  rules, min_size = task.state_rules(), task.config.mesh.fsdp_min_size
   return (parallel.state_shardings(abstract_state, task.mesh, rules, min_size),
           parallel.state_shardings(task.frozen, task.mesh, rules, min_size))
 
@@ -178,14 +203,14 @@ def _run(task: Task) -> tuple[TrainState, dict]:
 
   # ---- Input: host pipeline -> batches already on the devices (what checkpoints record) -----------
   data_iter = pipeline.DevicePrefetch(iter(task.train_data()), lambda local: parallel.to_global(local, mesh),
-                                      depth=config.data.get("device_prefetch", 2))
+                                      depth=config.data.device_prefetch)
 
   # ---- Sharded init or restore -------------------------------------------------------------------
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(task.init_state, rng)
   shardings, frozen_shardings = placement(task, abstract)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.get("keep_checkpoints", 3),
-                                 keep_every=config.get("keep_every_steps", 0))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                                 keep_every=config.keep_every_steps)
   run_info = {"task": task.name, "config": config.to_dict(), **task.model_info()}
   restored = None
   if ckpt.latest_step() is not None:
@@ -209,14 +234,14 @@ def _run(task: Task) -> tuple[TrainState, dict]:
   first_fn = jit_step(first, shardings, mesh) if first is not None else None
 
   # rows logged after the checkpoint we resume from are dropped: the resumed run logs those steps again
-  writer = MetricWriter(workdir, wandb_config=dict(config.get("wandb", {}), run_config=config.to_dict()),
+  writer = MetricWriter(workdir, wandb_config=dict(config.wandb, run_config=config.to_dict()),
                         drop_after_step=start)
   preempted = _install_sigterm()
   peak = device_peak_flops()
   total = task.total_steps
   log_every, ckpt_every = config.log_every_steps, config.checkpoint_every_steps
-  eval_every = config.get("eval_every_steps", 0)
-  stop_after = config.get("stop_after_steps", 0)  # > 0: save and exit at this step (time-limited jobs)
+  eval_every = config.eval_every_steps
+  stop_after = config.stop_after_steps  # > 0: save and exit at this step (time-limited jobs)
   last_metrics: dict = {}
   pending: list = []
   t_last, steps_since = time.perf_counter(), 0

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from beitv2_jax.convert import flatten, path_to_key, unflatten
+from beitv2_jax.trees import flatten, path_to_key, unflatten
 
 
 def warmup_cosine(base_lr: float, total_steps: int, warmup_steps: int, min_lr: float) -> Callable:

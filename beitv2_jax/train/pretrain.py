@@ -1,31 +1,18 @@
-"""Task `pretrain`: BEiT v2 masked image modeling on the codes of a frozen VQ-KD tokenizer (spec §3)."""
+"""Task `pretrain`: BEiT v2 masked image modeling on the codes of a frozen VQ-KD tokenizer (docs/method.md §3)."""
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from beitv2_jax import api, flops, parallel
+from beitv2_jax import api, flops
 from beitv2_jax.data import transforms
 from beitv2_jax.data.masking import MaskingGenerator
 from beitv2_jax.models import quantizer
 from beitv2_jax.models.mim import BEiTForMIM, backbone_defaults, masked_positions
-from beitv2_jax.models.vqkd import VQKD
-from beitv2_jax.train import optim
-from beitv2_jax.train.loop import Task, TrainState
-from beitv2_jax.train.tokenizer import dtype_of
-
-IMAGENET_MEAN = jnp.asarray(transforms.IMAGENET_MEAN)
-IMAGENET_STD = jnp.asarray(transforms.IMAGENET_STD)
-
-
-def imagenet_normalize(images_uint8: jax.Array) -> jax.Array:
-  """ToTensor + Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), on the device."""
-  return (images_uint8.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-
+from beitv2_jax.models.vqkd import VQKD, vqkd_kwargs
+from beitv2_jax.train.loop import Task
 
 class MIMEval:
   """Resize + centre crop for both views, and a block mask seeded by the example index."""
@@ -39,24 +26,17 @@ class MIMEval:
             "mask": self.mask_generator(rng).reshape(-1).astype(bool)}
 
 
-def load_or_train_tokenizer(config, workdir: str) -> api.Model:
-  """config.tokenizer_path, or (when empty) the tokenizer trained by config.tokenizer into
-  WORKDIR/tokenizer first (resumable like any run)."""
-  path = config.get("tokenizer_path", "")
+def load_tokenizer(config) -> api.Model:
+  """The frozen tokenizer `config.tokenizer_path` names: a tokenizer workdir or an official vqkd_*.pth
+  (`python -m beitv2_jax.main` trains `config.tokenizer` into WORKDIR/tokenizer first when it is empty)."""
+  path = config.tokenizer_path
   if path == "random":  # an untrained tokenizer of the student's size: for benchmarks only
     return random_tokenizer(config)
   if not path:
-    if "tokenizer" not in config or config.tokenizer is None:
-      raise ValueError("config.tokenizer_path is empty and the config has no `tokenizer` sub-config to "
-                       "train one: point tokenizer_path at a tokenizer workdir or an official vqkd_*.pth")
-    from beitv2_jax.train import loop
-    from beitv2_jax.train.tokenizer import TokenizerTask
-    path = os.path.join(workdir, "tokenizer")
-    tok_config = config.tokenizer
-    print(f"[pretrain] no tokenizer_path: training the tokenizer of config.tokenizer into {path}", flush=True)
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    loop.run(TokenizerTask(tok_config, path, mesh))
-  model = api.load(path, dtype=config.get("tokenizer_dtype", "float32"))
+    raise ValueError("config.tokenizer_path is empty: point it at a tokenizer workdir or an official "
+                     "vqkd_*.pth (python -m beitv2_jax.main trains config.tokenizer into WORKDIR/tokenizer first "
+                     "when it is empty)")
+  model = api.load(path, dtype=config.tokenizer_dtype)
   if model.kind != "tokenizer":
     raise ValueError(f"tokenizer_path {path} holds a {model.kind} checkpoint, not a tokenizer")
   return model
@@ -66,20 +46,19 @@ def random_tokenizer(config) -> api.Model:
   """A randomly initialised VQ-KD (its codes mean nothing), for benchmarks, smoke tests and compiling
   offline: of config.tokenizer's architecture when the config has one, else of the student's size with a
   1-block decoder."""
-  from beitv2_jax.train.tokenizer import vqkd_kwargs
   import ml_collections
-  tok = config.get("tokenizer", None)
+  tok = config.tokenizer
   if tok is not None:
-    tm, teacher_dim = tok.model, tok.model.get("teacher_dim", 0) or _teacher_dim(tok)
+    tm, teacher_dim = tok.model, tok.model.teacher_dim or _teacher_dim(tok)
   else:
     m = config.model
     tm = ml_collections.ConfigDict(dict(
         img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
         decoder_embed_dim=m.embed_dim, decoder_depth=1, decoder_num_heads=m.num_heads,
-        codebook_size=config.get("vocab_size", 8192), codebook_dim=32))
+        codebook_size=8192, codebook_dim=32))  # the official codebook
     teacher_dim = 512
   kwargs = vqkd_kwargs(tm, teacher_dim)
-  module = VQKD(**kwargs, dtype=dtype_of(config.get("tokenizer_dtype", "float32")))
+  module = VQKD(**kwargs, dtype=api.dtype_of(config.tokenizer_dtype))
   s = tm.img_size
   params = jax.jit(lambda k: module.init(k, jnp.zeros((1, s, s, 3)))["params"])(jax.random.key(0))
   codebook = quantizer.new_codebook(jax.random.key(1), tm.codebook_size, tm.codebook_dim).embedding
@@ -103,7 +82,7 @@ class PretrainTask(Task):
   def __init__(self, config, workdir, mesh):
     super().__init__(config, workdir, mesh)
     m = config.model
-    self.tokenizer = load_or_train_tokenizer(config, workdir)
+    self.tokenizer = load_tokenizer(config)
     tok_enc = self.tokenizer.module.encoder
     grid = m.img_size // m.patch_size
     tok_grid = tok_enc["img_size"] // tok_enc["patch_size"]
@@ -111,18 +90,16 @@ class PretrainTask(Task):
       raise ValueError(f"the student's {grid}x{grid} patch grid does not match the tokenizer's "
                        f"{tok_grid}x{tok_grid}: every patch needs one code")
     self.second_size = tok_enc["img_size"]
-    self.mask_generator = MaskingGenerator.from_ratio((grid, grid), m.mask_ratio, m.get("min_mask_patches", None))
+    self.mask_generator = MaskingGenerator.from_ratio((grid, grid), config.mask.ratio, config.mask.min_patches)
     self.num_masked = self.mask_generator.num_masking_patches
     self.kwargs = dict(
         backbone=backbone_defaults(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim,
                                    depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
                                    init_values=m.init_values, drop_path_rate=m.drop_path_rate),
         vocab_size=self.tokenizer.module.codebook_size, early_layers=m.early_layers, head_layers=m.head_layers,
-        agg_init_style=m.get("agg_init_style", "torch"))
-    self.model = BEiTForMIM(**self.kwargs, dtype=dtype_of(m.dtype), scan=m.scan, remat=m.remat,
-                            attention=m.get("attention", "auto"))
-    o = config.optim
-    self.schedule = optim.warmup_cosine(o.lr, self.total_steps, self.warmup_steps, o.min_lr)
+        agg_init_style=m.agg_init_style)
+    self.model = BEiTForMIM(**self.kwargs, dtype=api.dtype_of(m.dtype), scan=m.scan, remat=m.remat,
+                            attention=m.attention)
     self.frozen = {"params": self.tokenizer.params, "codebook": jnp.asarray(self.tokenizer.codebook)}
     n = grid * grid + 1
     student = (flops.vit_forward_flops(m.img_size, m.patch_size, m.embed_dim, m.depth, m.mlp_ratio)
@@ -133,13 +110,9 @@ class PretrainTask(Task):
     self.flops_per_example = 3 * student + tok
 
   def train_transform(self):
-    m = self.config.model
-    return transforms.MIMTrain(m.img_size, self.mask_generator, min_crop_scale=m.min_crop_scale,
-                               second_size=self.second_size, second_interpolation=m.second_interpolation)
-
-  def tx(self, params):
-    o = self.config.optim
-    return optim.adamw(params, self.schedule, o.b1, o.b2, o.eps, o.weight_decay, clip_grad=o.clip_grad or None)
+    a = self.config.aug
+    return transforms.MIMTrain(self.config.model.img_size, self.mask_generator, min_crop_scale=a.min_crop_scale,
+                               second_size=self.second_size, second_interpolation=a.second_interpolation)
 
   def init_state(self, rng):
     k_init, k_state = jax.random.split(rng)
@@ -147,8 +120,7 @@ class PretrainTask(Task):
     mask = jnp.zeros((1, (s // self.config.model.patch_size) ** 2), bool).at[:, :self.num_masked].set(True)
     params = self.model.init(k_init, jnp.zeros((1, s, s, 3)), mask, self.num_masked)["params"]
     params = self.model.fix_init(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx(params).init(params),
-                      rng=k_state)
+    return self.new_state(params, k_state)
 
   def model_info(self):
     return {"kind": "mim", "model": dict(self.kwargs, scan=self.config.model.scan),
@@ -156,7 +128,7 @@ class PretrainTask(Task):
 
   def targets(self, frozen, tokenizer_images_uint8):
     """Code ids of every patch, (B, N), from the frozen tokenizer (encoder + nearest code only)."""
-    images01 = tokenizer_images_uint8.astype(jnp.float32) / 255.0
+    images01 = transforms.to_unit(tokenizer_images_uint8)
     z = self.tokenizer.module.apply({"params": frozen["params"]}, images01, method=VQKD.encode)
     return jax.lax.stop_gradient(quantizer.nearest_code(frozen["codebook"], z))
 
@@ -164,8 +136,9 @@ class PretrainTask(Task):
     ids = self.targets(frozen, batch["tokenizer_image"])
     mask = batch["mask"]
     labels = jnp.take_along_axis(ids, masked_positions(mask, self.num_masked), axis=1)
-    main, agg = self.model.apply({"params": params}, imagenet_normalize(batch["image"]), mask, self.num_masked,
-                                 train, rngs={"dropout": rng} if rng is not None else {})
+    images = transforms.imagenet_normalize(batch["image"])
+    rngs = {"dropout": rng} if rng is not None else {}
+    main, agg = self.model.apply({"params": params}, images, mask, self.num_masked, train, rngs=rngs)
     ce1 = optax.softmax_cross_entropy_with_integer_labels(main, labels)
     ce2 = optax.softmax_cross_entropy_with_integer_labels(agg, labels)
     acc1 = (jnp.argmax(main, -1) == labels).astype(jnp.float32)

@@ -1,4 +1,4 @@
-"""Task `tokenizer`: train a VQ-KD tokenizer by distilling a frozen teacher (spec §1-2)."""
+"""Task `tokenizer`: train a VQ-KD tokenizer by distilling a frozen teacher (docs/method.md §1-2)."""
 from __future__ import annotations
 
 import functools
@@ -8,49 +8,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from beitv2_jax import flops
+from beitv2_jax import api, flops
 from beitv2_jax.data import transforms
 from beitv2_jax.models import quantizer, teacher as teacher_lib
-from beitv2_jax.models.vqkd import VQKD, decoder_defaults, encoder_defaults
-from beitv2_jax.train import optim
+from beitv2_jax.models.vqkd import VQKD, vqkd_kwargs
 from beitv2_jax.train.loop import Task, TrainState
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def dtype_of(name: str):
-  if name not in DTYPES:
-    raise ValueError(f"unknown dtype {name!r}: expected one of {sorted(DTYPES)}")
-  return DTYPES[name]
-
-
-def vqkd_kwargs(m, teacher_dim: int) -> dict:
-  """VQKD constructor kwargs from a `config.model` ConfigDict."""
-  grid = m.img_size // m.patch_size
-  enc = encoder_defaults(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
-                         num_heads=m.num_heads, mlp_ratio=m.get("mlp_ratio", 4.0))
-  dec = decoder_defaults(grid, embed_dim=m.decoder_embed_dim, depth=m.decoder_depth,
-                         num_heads=m.decoder_num_heads, mlp_ratio=m.get("mlp_ratio", 4.0))
-  return dict(encoder=enc, decoder=dec, codebook_size=m.codebook_size, codebook_dim=m.codebook_dim,
-              teacher_dim=teacher_dim)
-
 
 def build_teacher(config) -> teacher_lib.Teacher:
   """config.teacher: 'random' (an offline random CLIP, or DINO ViT with kind='dino'; config.random_teacher
   sizes it), a hub id such as openai/clip-vit-base-patch16, or a local transformers folder."""
   m = config.model
-  dtype = dtype_of(config.get("teacher_dtype", "float32"))
+  dtype = api.dtype_of(config.teacher_dtype)
   if config.teacher == "random":
     r = config.random_teacher
     t = teacher_lib.random_teacher(m.img_size, m.patch_size, r.width, r.depth, r.heads, r.dim, seed=r.seed,
-                                   dtype=dtype, kind=r.get("kind", "clip"))
+                                   dtype=dtype, kind=r.kind)
     logging.warning("teacher: %s -- its features carry no meaning; use a real CLIP for real tokenizers", t.source)
     return t
   t = teacher_lib.load_teacher(config.teacher, dtype=dtype)
   grid = m.img_size // m.patch_size
   if t.module.image_size == m.img_size and t.grid() == grid:
     return t
-  if config.get("teacher_resize", False):
+  if config.teacher_resize:
     logging.warning("teacher_resize: images resized to the teacher's %d px and its %dx%d features to %dx%d "
                     "(not in the official recipe)", t.module.image_size, t.grid(), t.grid(), grid, grid)
     return t
@@ -70,6 +49,7 @@ def cosine_rec_loss(rec: jax.Array, target: jax.Array) -> jax.Array:
 
 class TokenizerTask(Task):
   name = "tokenizer"
+  lr_batch_reference = 128  # run_vqkd_training.py: lr * total_batch / 128
 
   def __init__(self, config, workdir, mesh):
     super().__init__(config, workdir, mesh)
@@ -77,15 +57,12 @@ class TokenizerTask(Task):
     if m.img_size % m.patch_size:
       raise ValueError(f"model.img_size={m.img_size} is not divisible by model.patch_size={m.patch_size}")
     self.teacher = build_teacher(config)
-    td = config.model.get("teacher_dim", 0)
+    td = config.model.teacher_dim
     if td and td != self.teacher.dim:
       raise ValueError(f"model.teacher_dim={td} does not match the teacher's feature dim {self.teacher.dim} "
                        f"({self.teacher.source})")
     self.kwargs = vqkd_kwargs(m, self.teacher.dim)
-    self.model = VQKD(**self.kwargs, dtype=dtype_of(m.dtype), attention=m.get("attention", "auto"))
-    o = config.optim
-    lr = o.lr * config.batch_size / 128 if o.get("scale_lr_by_batch", True) else o.lr
-    self.schedule = optim.warmup_cosine(lr, self.total_steps, self.warmup_steps, o.min_lr)
+    self.model = VQKD(**self.kwargs, dtype=api.dtype_of(m.dtype), attention=m.attention)
     self.frozen = self.teacher.params
     grid = self.grid = m.img_size // m.patch_size
     n = grid * grid + 1
@@ -100,10 +77,6 @@ class TokenizerTask(Task):
   def train_transform(self):
     return transforms.TokenizerTrain(self.config.model.img_size)
 
-  def tx(self, params):
-    o = self.config.optim
-    return optim.adamw(params, self.schedule, o.b1, o.b2, o.eps, o.weight_decay, clip_grad=o.clip_grad or None)
-
   def init_state(self, rng):
     k_init, k_code, k_state = jax.random.split(rng, 3)
     size = self.config.model.img_size
@@ -111,8 +84,7 @@ class TokenizerTask(Task):
     params = self.model.fix_init(params)
     codebook = quantizer.new_codebook(k_code, self.config.model.codebook_size, self.config.model.codebook_dim,
                                       initted=not self.config.model.kmeans_init)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx(params).init(params),
-                      rng=k_state, extra=codebook)
+    return self.new_state(params, k_state, extra=codebook)
 
   def model_info(self):
     return {"kind": "tokenizer", "model": self.kwargs, "teacher": self.teacher.source}
@@ -134,7 +106,7 @@ class TokenizerTask(Task):
     m = self.config.model
     rng = jax.random.fold_in(state.rng, state.step)
     k_kmeans, k_drop, k_restart = jax.random.split(rng, 3)
-    images = batch["image"].astype(jnp.float32) / 255.0
+    images = transforms.to_unit(batch["image"])
     target = self.teacher.apply(teacher_params, images, self.grid)
 
     def loss_fn(params):
@@ -172,7 +144,7 @@ class TokenizerTask(Task):
             "eval_unused_codes": int(np.sum(counts == 0))}
 
   def _eval_batch(self, params, codebook, batch, teacher_params):
-    images = batch["image"].astype(jnp.float32) / 255.0
+    images = transforms.to_unit(batch["image"])
     valid = batch["valid"].astype(jnp.float32)
     z = self.model.apply({"params": params}, images, method=VQKD.encode)
     zq, _, ids = quantizer.quantize(codebook.embedding, z)
