@@ -175,13 +175,14 @@ def test_torch_mim_peer_computes_our_loss_and_gradients_on_the_same_weights(tmp_
 
   config = train_step.make_config("pretrain", "tiny", "float32", 8, "none", False, "xla")
   task = PretrainTask(config, str(tmp_path), parallel.make_mesh())
-  params = task.init_state(jax.random.key(3)).params
+  params = jax.jit(task.init_state)(jax.random.key(3)).params
   batch = train_step.synthetic_batch(task, "pretrain", 8)
 
-  def our_loss(p):
-    ce1, ce2, _, _, labels = task.losses(p, jax.tree.map(jnp.asarray, batch), task.frozen, False)
+  def our_loss(p, batch, frozen):  # batch and tokenizer as arguments: as constants XLA would fold the tokenizer
+    ce1, ce2, _, _, labels = task.losses(p, batch, frozen, False)
     return ce1.mean() + ce2.mean(), labels
-  (loss, labels), grads = jax.jit(jax.value_and_grad(our_loss, has_aux=True))(params)
+  (loss, labels), grads = jax.jit(jax.value_and_grad(our_loss, has_aux=True))(
+      params, jax.tree.map(jnp.asarray, batch), task.frozen)
 
   m = config.model
   student = torch_mim.BEiTForMIM(m.img_size, m.patch_size, m.embed_dim, m.depth, m.num_heads, vocab=8192,

@@ -211,7 +211,7 @@ def test_finetune_starts_from_the_pretrained_encoder_and_beats_scratch(tmp_path)
   from beitv2_jax import parallel
   c = _finetune_config(PRETRAINED)
   task = finetune.FinetuneTask(c, str(tmp_path / "ft"), parallel.make_mesh(1, 1))
-  p0 = task.init_state(jax.random.PRNGKey(0)).params
+  p0 = jax.jit(task.init_state)(jax.random.PRNGKey(0)).params
   mim = beitv2_jax.load(PRETRAINED)
   assert mim.kind == "mim"
   shared = np.asarray(mim.params["backbone"]["rel_pos_bias"]["relative_position_bias_table"])
@@ -269,7 +269,7 @@ def _task_batches_init(task_class, config, tmp_path, n=3):
   task = task_class(config, str(tmp_path / "task"), parallel.make_mesh(1, 1))
   it = iter(task.train_data())
   batches = [{k: v for k, v in next(it).items() if k != "bad"} for _ in range(n)]
-  return task, batches, task.init_state(jax.random.PRNGKey(0))
+  return task, batches, jax.jit(task.init_state)(jax.random.PRNGKey(0))
 
 
 def test_finetune_steps_on_8_devices_equal_1_device_with_real_updates(tmp_path):

@@ -131,7 +131,7 @@ def _task_and_batch(tokenizer_dir, tmp_path, mesh):
 def test_loss_equals_direct_computation(tokenizer_dir, tmp_path):
   mesh = parallel.make_mesh(1, 1)
   task, local = _task_and_batch(tokenizer_dir, tmp_path, mesh)
-  state = task.init_state(jax.random.PRNGKey(0))
+  state = jax.jit(task.init_state)(jax.random.PRNGKey(0))
   direct = _direct_loss(task, state.params, local, task.frozen)
   _, metrics = jax.jit(task.train_step)(state, {k: jnp.asarray(v) for k, v in local.items()}, task.frozen)
   np.testing.assert_allclose(float(metrics["loss"]), direct, rtol=1e-5)
@@ -147,7 +147,7 @@ def test_train_steps_on_8_devices_equal_1_device_with_real_updates(tokenizer_dir
   task = PretrainTask(cfg, str(tmp_path / "pt"), parallel.make_mesh(1, 1))
   it = iter(task.train_data())
   batches = [{k: v for k, v in next(it).items() if k != "bad"} for _ in range(3)]
-  assert_meshes_agree(task, batches, task.init_state(jax.random.PRNGKey(0)), fsdp_min_size=1024)
+  assert_meshes_agree(task, batches, jax.jit(task.init_state)(jax.random.PRNGKey(0)), fsdp_min_size=1024)
 
 
 def test_pretrain_resume_is_bit_identical(tokenizer_dir, tmp_path):
