@@ -25,7 +25,7 @@ demo: $(VENV)/.base
 	$(PY) -m beitv2_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 tests
 
 benchmark: $(VENV)/.test
 	$(PY) benchmarks/train_step.py --size=tiny

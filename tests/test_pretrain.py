@@ -1,6 +1,7 @@
 """MIM pretraining: aggregation-head wiring, loss against a direct computation, 8 vs 1 devices, load/export,
 the tokenizer stage main runs first."""
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -190,6 +191,8 @@ def test_an_empty_tokenizer_path_trains_the_tokenizer_stage_first_and_a_rerun_re
     assert json.load(f)["config"]["tokenizer_path"] == tok
   assert beitv2_jax.load(str(staged_run)).module.vocab_size == 64  # stage 2's vocabulary: stage 1's codebook
   tokenizer_rows = read_metrics(tok)
+  written = os.stat(os.path.join(tok, "checkpoints", "20")).st_mtime_ns
   entry.run(_staged_config(4), str(staged_run))
   assert int(params_of(str(staged_run))["step"]) == 4
   assert read_metrics(tok) == tokenizer_rows and int(params_of(tok)["step"]) == 20
+  assert os.stat(os.path.join(tok, "checkpoints", "20")).st_mtime_ns == written  # reloaded, not trained again
