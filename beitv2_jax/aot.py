@@ -345,7 +345,7 @@ def compile_task(task, tgt: Target, keep_text: bool = False) -> Result:
   finally:
     attention_lib._cudnn_flash_device = saved
   # the batches the loop keeps in flight to the devices ahead of the step (data.device_prefetch)
-  in_flight = task.config.data.get("device_prefetch", 2) * sum(
+  in_flight = task.config.data.device_prefetch * sum(
       int(np.prod(b.shape)) * np.dtype(b.dtype).itemsize for b in batch.values()) // n
   if result.parts:
     result.parts["prefetched batches"] = in_flight
@@ -374,7 +374,7 @@ def fix_suggestions(config, config_dir: str, tgt: Target) -> list[tuple[str, Res
     tried.append((f"--config.mesh.fsdp={f}", r))
     if r.fits:
       return tried
-  if config.model.remat != "full":
+  if _remat(config) != "full" and "remat" in config.model:
     c = config.copy_and_resolve_references()
     c.model.remat = "full"
     flag = "--config.model.remat=full"
@@ -384,6 +384,11 @@ def fix_suggestions(config, config_dir: str, tgt: Target) -> list[tuple[str, Res
     _, r = try_config(c, config_dir, tgt)
     tried.append((flag, r))
   return tried
+
+
+def _remat(config) -> str:
+  """The run's remat policy; a tokenizer has no `remat` field (its blocks never remat): "none"."""
+  return config.model.remat if "remat" in config.model else "none"
 
 
 def max_batch(config, config_dir: str, tgt: Target, first: Result, remat: str,
@@ -398,7 +403,9 @@ def max_batch(config, config_dir: str, tgt: Target, first: Result, remat: str,
   def at(per_chip: int) -> Result:
     if per_chip not in results:
       c = config.copy_and_resolve_references()
-      c.batch_size, c.model.remat = per_chip * chips, remat
+      c.batch_size = per_chip * chips
+      if "remat" in c.model:
+        c.model.remat = remat
       try:
         results[per_chip] = try_config(c, config_dir, tgt)[1]
       except ValueError as e:  # a batch the recipe cannot split (mixup groups): not one it can run
@@ -406,7 +413,7 @@ def max_batch(config, config_dir: str, tgt: Target, first: Result, remat: str,
     return results[per_chip]
 
   b0 = max(8, config.batch_size // chips // 8 * 8)
-  if remat == config.model.remat and config.batch_size == b0 * chips:
+  if remat == _remat(config) and config.batch_size == b0 * chips:
     results[b0] = first
   lo, hi = (b0, None) if at(b0).fits else (0, b0)
   while len(results) < max_compiles and (hi is None or (lo == 0 and hi > 8)):
@@ -438,10 +445,10 @@ def report(config, config_name: str, tgt: Target, notes: list[str], task, result
   for line in notes:
     print(f"  stand-in: {line}")
   print(f"  mesh data={mesh['data']} x fsdp={mesh['fsdp']}; global batch {config.batch_size} = "
-        f"{config.batch_size // chips} per chip; remat {config.model.get('remat', 'none')}")
+        f"{config.batch_size // chips} per chip; remat {_remat(config)}")
   row = dict(config=config_name, target=tgt.name, device_kind=tgt.device_kind, chips=chips, hosts=tgt.hosts,
              fsdp=mesh["fsdp"],
-             batch=config.batch_size, remat=config.model.remat, compiled=result.compiled,
+             batch=config.batch_size, remat=_remat(config), compiled=result.compiled,
              fits=result.fits, gib_per_chip=round(result.needed_bytes / GiB, 2),
              hbm_gib=round(result.capacity_bytes / GiB, 2), compile_s=round(result.compile_s, 1))
   if not result.compiled:
@@ -541,7 +548,7 @@ def main(argv):
             "chip, and nothing tried fits: a smaller batch does (--max_batch finds the largest)")
     rows[0]["fits_with"] = fitting[0][0] if fitting else ""
   if FLAGS.max_batch and result.compiled:
-    for remat in dict.fromkeys([config.model.remat, "full"]):
+    for remat in dict.fromkeys([_remat(config), "full"] if "remat" in config.model else ["none"]):
       b, r = max_batch(config, config_dir, tgt, result, remat)
       text = f"{b} ({r.needed_bytes / GiB:.2f} GiB)" if r else "none found"
       print(f"  largest per-chip batch that fits with remat {remat}: {text}")

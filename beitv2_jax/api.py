@@ -51,26 +51,15 @@ import numpy as np
 from beitv2_jax import convert
 from beitv2_jax.data import transforms
 from beitv2_jax.models import quantizer
+from beitv2_jax.models.build import dtype_of, fields_call, split_execution
 from beitv2_jax.models.mim import BEiTForMIM
-from beitv2_jax.models.vit import VisionTransformer
+from beitv2_jax.models.vit import VisionTransformer, encoder_kwargs
 from beitv2_jax.models.vqkd import VQKD
 
 KINDS = ("classifier", "mim", "tokenizer")  # what `load(kind=...)` can convert to
 LOADABLE_KINDS = KINDS + ("linprobe",)       # what a workdir's config.json may name
 # float16: the official code runs the tokenizer under fp16 autocast; 3 more mantissa bits than bf16 keep
 # near-tie code choices closer to float32 (benchmarks/label_precision.py measures how much).
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def dtype_of(name: str | Any):
-  """The jnp dtype a config names ('float32', 'bfloat16', 'float16'); a dtype object passes through."""
-  if not isinstance(name, str):
-    return name
-  if name not in DTYPES:
-    raise ValueError(f"unknown dtype {name!r}: expected one of {sorted(DTYPES)}")
-  return DTYPES[name]
-
-
 @dataclasses.dataclass
 class Model:
   kind: str
@@ -451,13 +440,11 @@ RANDOM_ENCODER = "random init"  # a linear probe's "encoder" when init_from is e
 
 def random_encoder(model_cfg, seed: int, dtype: str | Any = "float32") -> Model:
   """The random-init baseline a probe or k-NN run measures against when init_from is empty: a BEiT v2
-  pretraining-style encoder of `model_cfg`'s size (shared rel-pos bias, layer scale, final norm, the
-  official init with its per-block rescale), from `seed`."""
+  pretraining-style encoder of `model_cfg`'s size (`vit.encoder_kwargs`: shared rel-pos bias, layer scale,
+  final norm, the official init with its per-block rescale), from `seed`."""
   from beitv2_jax.models.vit import rescale_init
-  m = model_cfg
-  cfg = dict(img_size=m["img_size"], patch_size=m["patch_size"], embed_dim=m["embed_dim"], depth=m["depth"],
-             num_heads=m["num_heads"], mlp_ratio=m["mlp_ratio"], use_abs_pos_emb=False, rel_pos="shared",
-             init_values=m.get("init_values", 0.1), use_mask_token=False, final_norm="norm", init_style="pretrain")
+  arch, _ = split_execution(model_cfg)
+  cfg = fields_call(encoder_kwargs, arch)
   module = build_module("classifier", cfg, dtype)
   s = cfg["img_size"]
   params = module.init(jax.random.key(seed), jnp.zeros((1, s, s, 3)))["params"]

@@ -3,8 +3,10 @@ start from it and set what their recipe says; every field can be overridden on t
 (`--config.batch_size=256`, `--config.optim.lr=1e-3`, `--config.mask.ratio=0.5`). The code reads fields
 directly, never with a fallback default of its own.
 
-`config.model` holds the model's architecture and execution (`vit_model`); what the data pipeline does is
-in `config.data`, `config.aug` (augmentation) and `config.mask` (MIM masking)."""
+`config.model` holds the model's constructor fields only, its architecture and execution (`vit_model`,
+`tokenizer_model`), which the task passes whole to the model file's keyword-only function
+(beitv2_jax/models/build.py); what the data pipeline does is in `config.data`, `config.aug` (augmentation)
+and `config.mask` (MIM masking), how the tokenizer's codebook learns in `config.quantizer`."""
 from __future__ import annotations
 
 import ml_collections
@@ -51,6 +53,9 @@ def _tokenizer_fields(c):
   c.teacher_resize = False  # True: resize image + teacher features when the grids differ (non-official)
   # teacher="random": an untrained CLIP ViT (kind "clip") or DINO ViT ("dino") of this size, for offline runs
   c.random_teacher = ml_collections.ConfigDict(dict(width=64, depth=2, heads=2, dim=32, seed=0, kind="clip"))
+  # How the codebook learns (norm_ema_quantizer.py): EMA decay of the code vectors, k-means on the first
+  # batch's encodings; restart of codes unused for N steps (not in the official recipe; 0: off).
+  c.quantizer = ml_collections.ConfigDict(dict(ema_decay=0.99, kmeans_init=True, dead_code_restart_steps=0))
 
 
 def _pretrain_fields(c):
@@ -116,6 +121,18 @@ def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(m)
 
 
+def tokenizer_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
+  """A VQ-KD's fields: the encoder of `vit_model(size)`, the decoder (`decoder_*`), the codebook and the
+  teacher's feature dim (0: the teacher's own); execution `dtype` and `attention` (its blocks run unrolled,
+  without remat: it has no `scan` or `remat` field)."""
+  m = vit_model(size).to_dict()
+  del m["scan"], m["remat"]
+  m.update(decoder_depth=1, decoder_embed_dim=m["embed_dim"], decoder_num_heads=m["num_heads"],
+           codebook_size=8192, codebook_dim=32, teacher_dim=0)
+  m.update(kw)
+  return ml_collections.ConfigDict(m)
+
+
 def load_recipe_module(path: str):
   """A recipe file (configs/*.py) loaded by path as a module, without touching sys.path."""
   import importlib.util
@@ -146,6 +163,16 @@ def set_dotted(c: ml_collections.ConfigDict, key: str, value) -> None:
   for name in head:
     c = c[name]
   c[last] = value
+
+
+def with_updates(c: ml_collections.ConfigDict, updates: dict) -> ml_collections.ConfigDict:
+  """A copy of `c` with `updates` ({dotted key: value}) set, even where `c` is locked; `c` is unchanged."""
+  import copy
+  out = copy.deepcopy(c)
+  with out.unlocked():
+    for k, v in updates.items():
+      set_dotted(out, k, v)
+  return out
 
 
 def recipe_args(arg: str, allowed: dict, recipe: str) -> dict:

@@ -9,7 +9,6 @@ Every stage is an ordinary run in its own sub-workdir, so rerunning the demo res
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import jax
@@ -17,18 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from beitv2_jax import api, checkpoint, parallel, tasks
-from beitv2_jax.config_defaults import set_dotted
+from beitv2_jax.config_defaults import with_updates
 from beitv2_jax.data import sources, transforms
 from beitv2_jax.train import loop
 from beitv2_jax.train.writer import read_metrics
-
-
-def _stage(config, updates: dict):
-  c = copy.deepcopy(config)
-  with c.unlocked():
-    for k, v in updates.items():
-      set_dotted(c, k, v)
-  return c
 
 
 def run(config, workdir: str) -> dict:
@@ -40,15 +31,15 @@ def run(config, workdir: str) -> dict:
   # ---- 1. Tokenizer ------------------------------------------------------------------------------
   _, tok_metrics = loop.run(tasks.task_class("tokenizer")(config.tokenizer, tok_dir, mesh))
   # ---- 2. MIM pretraining ------------------------------------------------------------------------
-  pt_config = _stage(config.pretrain, {"tokenizer_path": tok_dir})
+  pt_config = with_updates(config.pretrain, {"tokenizer_path": tok_dir})
   _, pt_metrics = loop.run(tasks.task_class("pretrain")(pt_config, pt_dir, mesh))
   # ---- 3. Probes: pretrained vs random init ------------------------------------------------------
   results = {"tokenizer": tok_metrics, "pretrain": pt_metrics}
   for name, init in (("pretrained", pt_dir), ("random_init", "")):
-    lp = _stage(config.linprobe, {"init_from": init})
+    lp = with_updates(config.linprobe, {"init_from": init})
     _, m = loop.run(tasks.task_class("linprobe")(lp, os.path.join(workdir, f"linprobe_{name}"), mesh))
     results[f"linprobe_{name}"] = m.get("top1", float("nan"))
-    kc = _stage(config.knn, {"init_from": init})
+    kc = with_updates(config.knn, {"init_from": init})
     results[f"knn_{name}"] = tasks.run_function("knn")(kc, os.path.join(workdir, f"knn_{name}"))["top1"]
 
   # ---- 4. Pictures and the table -----------------------------------------------------------------

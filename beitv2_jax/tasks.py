@@ -7,7 +7,6 @@ reading the names costs nothing.
 """
 from __future__ import annotations
 
-import copy
 import importlib
 import os
 
@@ -64,7 +63,5 @@ def train_tokenizer_stage(config, workdir: str, mesh):
   print(f"[pretrain] no tokenizer_path: training the tokenizer of config.tokenizer into {path}", flush=True)
   loop.validate(config.tokenizer, mesh)
   loop.run(task_class("tokenizer")(config.tokenizer, path, mesh))
-  staged = copy.deepcopy(config)
-  with staged.unlocked():
-    staged.tokenizer_path = path
-  return staged
+  from beitv2_jax.config_defaults import with_updates
+  return with_updates(config, {"tokenizer_path": path})

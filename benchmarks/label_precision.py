@@ -42,6 +42,7 @@ from PIL import Image  # noqa: E402
 from beitv2_jax import api  # noqa: E402
 from beitv2_jax.data import sources, transforms  # noqa: E402
 from beitv2_jax.models import quantizer  # noqa: E402
+from beitv2_jax.models.build import DTYPES  # noqa: E402
 from beitv2_jax.models.vqkd import VQKD  # noqa: E402
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
@@ -84,7 +85,7 @@ def tokenizers(spec: str, num_heads: int = 0) -> dict:
     config = load_config(spec.split(":", 1)[1])
     config.tokenizer_dtype = "float32"
     base = random_tokenizer(config)
-    return {name: dataclasses.replace(base, module=base.module.clone(dtype=api.DTYPES[name]))
+    return {name: dataclasses.replace(base, module=base.module.clone(dtype=DTYPES[name]))
             for name in DTYPE_NAMES}
   kw = {"num_heads": num_heads} if num_heads else {}
   models = {name: api.load(spec, dtype=name, **kw) for name in DTYPE_NAMES}

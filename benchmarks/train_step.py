@@ -28,7 +28,7 @@ from beitv2_jax import roofline as hlo_roofline  # noqa: E402
 from beitv2_jax import parallel  # noqa: E402
 from beitv2_jax.data import pipeline  # noqa: E402
 from beitv2_jax.models import attention as attention_lib  # noqa: E402
-from beitv2_jax.config_defaults import base, vit_model  # noqa: E402
+from beitv2_jax.config_defaults import base, tokenizer_model, vit_model  # noqa: E402
 from beitv2_jax.train.loop import device_peak_flops, jit_step  # noqa: E402
 
 
@@ -39,10 +39,11 @@ def make_config(task: str, size: str, dtype: str, batch: int, remat: str, scan: 
   c.total_steps = 1000
   c.warmup_steps = 10
   m = vit_model(size, dtype=dtype, remat=remat, scan=scan, attention=attention)
-  if task == "tokenizer":
-    m.update(dict(decoder_depth=3 if size != "tiny" else 1, decoder_embed_dim=m.embed_dim,
-                  decoder_num_heads=m.num_heads, codebook_size=8192 if size != "tiny" else 512, codebook_dim=32,
-                  teacher_dim=0, ema_decay=0.99, kmeans_init=True, dead_code_restart_steps=0))
+  if task == "tokenizer":  # its blocks always run unrolled, without remat
+    if remat != "none" or scan:
+      raise ValueError("the tokenizer's blocks run unrolled and without remat: --remat=none, no --scan")
+    m = tokenizer_model(size, dtype=dtype, attention=attention, decoder_depth=3 if size != "tiny" else 1,
+                        codebook_size=8192 if size != "tiny" else 512)
     c.teacher = "random"
     c.teacher_dtype = dtype
     # a CLIP-B/16-sized random teacher at base / large, a tiny one at tiny
@@ -57,7 +58,7 @@ def make_config(task: str, size: str, dtype: str, batch: int, remat: str, scan: 
     c.tokenizer_dtype = dtype
     c.optim.clip_grad = 3.0
   elif task == "finetune":
-    m.update(dict(init_values=0.1, drop_path_rate=0.1, use_cls=False, head_init_scale=0.001))
+    m.update(dict(init_values=0.1, drop_path_rate=0.1, final_norm="fc_norm", head_init_scale=0.001))
     c.num_classes = 1000  # config.aug: the official recipe's
     c.optim.layer_decay = 0.65
   c.model = m
@@ -355,7 +356,7 @@ def main():
   for task in a.tasks.split(","):
     for attention in a.attention.split(","):
       if a.max_batch:
-        for remat in a.remat.split(","):
+        for remat in a.remat.split(",") if task != "tokenizer" else ["none"]:
           emit(max_batch(task, a.size, dtype, remat, attention))
       else:
         emit(bench(task, a.size, dtype, batch, a.steps, a.remat, a.scan, attention, a.host_input,

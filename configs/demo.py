@@ -27,7 +27,7 @@ def get_config(arg: str = ""):
   # prediction has something to learn (on MNIST the blank background is one code on half the patches).
   tok = sibling_recipe(__file__, "tokenizer_tiny").get_config()
   tok.data.train_split, tok.data.eval_split = "train", "val"
-  tok.model.dead_code_restart_steps = 0
+  tok.quantizer.dead_code_restart_steps = 0
   tok.teacher_resize = True  # so that a real CLIP (224 px, 14x14) can teach this 32 px, 8x8 tokenizer
   tok.total_steps = 100 if quick else 300
   c.tokenizer = tok

@@ -38,7 +38,7 @@ def finetune_config(size: str, setting: str):
   c.eval_every_steps = 1250
   c.num_classes = 1000
   c.crop_pct = 0.875                 # eval: Resize(256) + CenterCrop(224)
-  c.model = vit_model(size, dtype="bfloat16", init_values=0.1, drop_path_rate=drop_path, use_cls=False,
+  c.model = vit_model(size, dtype="bfloat16", init_values=0.1, drop_path_rate=drop_path, final_norm="fc_norm",
                       head_init_scale=0.001)
   c.aug.update(min_crop_scale=0.08, rand_augment_layers=2, rand_augment_magnitude=9.0, reprob=0.25,
                mixup=mixup, cutmix=cutmix, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1,

@@ -19,7 +19,7 @@ def get_config(arg: str = ""):
   c.warmup_steps = 30
   c.log_every_steps = 50
   c.checkpoint_every_steps = 300
-  c.model = vit_model("tiny", init_values=0.1, drop_path_rate=0.1, use_cls=False, head_init_scale=0.001)
+  c.model = vit_model("tiny", init_values=0.1, drop_path_rate=0.1, final_norm="fc_norm", head_init_scale=0.001)
   # config.aug: the official recipe's (RandAugment 2 x m9, erasing 0.25, mixup 0.8 / cutmix 1.0 per 128 images)
   c.optim.update(lr=2e-3, min_lr=1e-6, b1=0.9, b2=0.999, weight_decay=0.05, layer_decay=0.65, clip_grad=0.0)
   return c

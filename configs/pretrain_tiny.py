@@ -31,6 +31,6 @@ def get_config(arg: str = ""):
   c.tokenizer_path = ""                    # "": train `tokenizer` first, into WORKDIR/tokenizer
   c.tokenizer = sibling_recipe(__file__, "tokenizer_tiny").get_config()
   c.tokenizer.data.train_split = "train"
-  c.tokenizer.model.dead_code_restart_steps = 0
+  c.tokenizer.quantizer.dead_code_restart_steps = 0
   c.optim.update(lr=1.5e-3, min_lr=1e-5, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05, clip_grad=3.0)
   return c

@@ -16,7 +16,7 @@ update averages over. Training stays in bfloat16: float16 training needs a loss 
 underflow, which this trainer does not have, and TPUs have no fast float16 matmul. The teacher's output is
 a regression target (no argmax), so its bfloat16 rounding flips no code.
 """
-from beitv2_jax.config_defaults import base, recipe_args, vit_model
+from beitv2_jax.config_defaults import base, recipe_args, tokenizer_model
 
 
 def get_config(arg: str = ""):
@@ -31,9 +31,10 @@ def get_config(arg: str = ""):
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2500    # ~1 epoch
   c.eval_every_steps = 25020         # every 10 epochs
-  c.model = vit_model("base", decoder_depth=args["decoder_depth"], decoder_embed_dim=768,
-                      decoder_num_heads=12, codebook_size=8192, codebook_dim=32, teacher_dim=0,
-                      ema_decay=0.99, kmeans_init=True, dead_code_restart_steps=0, dtype="bfloat16")
+  c.model = tokenizer_model("base", decoder_depth=args["decoder_depth"], decoder_embed_dim=768,
+                            decoder_num_heads=12, codebook_size=8192, codebook_dim=32, teacher_dim=0,
+                            dtype="bfloat16")
+  c.quantizer.update(ema_decay=0.99, kmeans_init=True, dead_code_restart_steps=0)
   c.teacher = "openai/clip-vit-base-patch16"
   c.teacher_dtype = "bfloat16"
   # lr 5e-5 per 128 images, scaled by batch/128 in code -> 2e-4 at 512 (run_vqkd_training.py)

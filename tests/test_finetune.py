@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 import beitv2_jax
-from beitv2_jax import main as entry
+from beitv2_jax import main as entry, parallel
 from beitv2_jax.models.vit import VisionTransformer
 from beitv2_jax.train import finetune, optim
 from beitv2_jax.trees import flatten
@@ -378,3 +378,19 @@ def test_linear_probe_flop_count_is_xlas(tmp_path, layer):
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   assert task.flops_per_example > 0
   assert 1.0 <= cost["flops"] / (32 * task.flops_per_example) < 1.25
+
+
+def test_config_model_is_the_constructor_fields_and_a_stray_field_is_named(tmp_path):
+  """config.model goes whole to `classifier_kwargs`: the built model has exactly its values, and a field the
+  model does not take (an old recipe's `use_cls`) is refused by name, not ignored."""
+  c = finetune_config(steps=2)
+  c.model.update(depth=3, head_init_scale=0.5, final_norm="norm")
+  task = finetune.FinetuneTask(c, str(tmp_path / "a"), parallel.make_mesh(1, 1))
+  assert (task.model.depth, task.model.head_init_scale, task.model.final_norm) == (3, 0.5, "norm")
+  assert task.model.rel_pos == "layer" and task.model.num_classes == 10
+  c.model.use_cls = False
+  with pytest.raises(ValueError, match=r"config\.model has fields this model does not take: \['use_cls'\]"):
+    finetune.FinetuneTask(c, str(tmp_path / "b"), parallel.make_mesh(1, 1))
+  del c.model["use_cls"], c.model["final_norm"]
+  with pytest.raises(ValueError, match=r"config\.model lacks \['final_norm'\]"):
+    finetune.FinetuneTask(c, str(tmp_path / "c"), parallel.make_mesh(1, 1))

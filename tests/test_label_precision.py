@@ -7,11 +7,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from beitv2_jax import api
+from beitv2_jax.models.build import DTYPES
 from beitv2_jax.models.vqkd import VQKD
 from beitv2_jax.models.vqkd import vqkd_kwargs
 from helpers import ROOT
@@ -33,10 +33,9 @@ def random_tokenizer_file(path: str) -> str:
   dim 32, the official count, so that near-ties are common enough for bf16 to flip some of the 1664
   labels (without flips the comparisons below would prove nothing), written in the official key layout.
   The parameters come from numpy: jitting the module's own random init compiles for ~10 s on 2 cores."""
-  cfg = ml_collections.ConfigDict(dict(img_size=32, patch_size=4, embed_dim=64, depth=1, num_heads=2,
-                                       decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2,
-                                       codebook_size=8192, codebook_dim=32))
-  kwargs = vqkd_kwargs(cfg, 512)
+  kwargs = vqkd_kwargs(img_size=32, patch_size=4, embed_dim=64, depth=1, num_heads=2, mlp_ratio=4.0,
+                       decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2, codebook_size=8192,
+                       codebook_dim=32, teacher_dim=512)
   module = VQKD(**kwargs)
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
   rng = np.random.default_rng(0)
@@ -61,7 +60,7 @@ def setup(lp, tmp_path_factory):
   # Through the script's own loader: beitv2_jax.load(file, dtype=...) for each dtype, float16 included.
   path = random_tokenizer_file(str(tmp_path_factory.mktemp("lp") / "tok.safetensors"))
   models = lp.tokenizers(path, num_heads=2)
-  assert {name: m.module.dtype for name, m in models.items()} == {name: api.DTYPES[name] for name in models}
+  assert {name: m.module.dtype for name, m in models.items()} == {name: DTYPES[name] for name in models}
   (_, images), = lp.load_images("photos:all", models["float32"].img_size, N_IMAGES)
   return models, images
 
@@ -83,7 +82,7 @@ def reference_labels(model, images, dtype_name):
 
 
 def test_float16_is_a_dtype_name():
-  assert api.DTYPES["float16"] is jnp.float16
+  assert DTYPES["float16"] is jnp.float16
   cfg = {"encoder": {}, "decoder": {}}
   assert api.build_module("tokenizer", cfg, "float16").dtype is jnp.float16
 

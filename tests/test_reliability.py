@@ -14,9 +14,10 @@ from PIL import Image
 
 from beitv2_jax import checkpoint
 from beitv2_jax import main as entry
+from beitv2_jax.train import loop
 from beitv2_jax.train.loop import NonFiniteError
 from beitv2_jax.train.writer import read_metrics
-from helpers import ROOT, assert_trees_equal, params_of, tokenizer_config
+from helpers import ROOT, assert_trees_equal, finetune_config, params_of, tokenizer_config
 
 
 def _cli(*args, devices=1):
@@ -159,6 +160,33 @@ def test_resume_refuses_another_model_and_lists_the_settings_that_changed(tmp_pa
   assert "optim.lr: 0.0005 -> 0.0002" in changed and "total_steps: 8 -> 6" in changed
   assert "model.dtype" in changed  # an execution field: allowed, and listed
   assert int(params_of(wd)["step"]) == 6
+
+
+def _write_run_config(wd, task, config):
+  os.makedirs(wd, exist_ok=True)
+  with open(os.path.join(wd, "config.json"), "w") as f:
+    json.dump({"task": task, "config": config}, f)
+
+
+def test_runs_written_before_config_model_held_constructor_fields_only_still_resume(tmp_path, capsys):
+  """config.json of the earlier layout (quantizer fields in config.model, `use_cls`, a tokenizer's unused
+  scan / remat) is read in today's names: the same settings resume, a real change is still refused."""
+  tok = tokenizer_config(steps=8).to_dict()
+  old = json.loads(json.dumps(tok))
+  old["model"].update(old.pop("quantizer"), scan=False, remat="none")
+  _write_run_config(str(tmp_path / "tok"), "tokenizer", old)
+  loop.check_resume_config(str(tmp_path / "tok"), {"task": "tokenizer", "config": tok})
+  assert "changed settings" not in capsys.readouterr().out
+
+  ft = finetune_config(steps=8).to_dict()
+  old = json.loads(json.dumps(ft))
+  old["model"]["use_cls"] = old["model"].pop("final_norm") == "norm"
+  _write_run_config(str(tmp_path / "ft"), "finetune", old)
+  loop.check_resume_config(str(tmp_path / "ft"), {"task": "finetune", "config": ft})
+  old["model"]["use_cls"] = not old["model"]["use_cls"]
+  _write_run_config(str(tmp_path / "ft"), "finetune", old)
+  with pytest.raises(ValueError, match=r"config\.model\.final_norm: 'norm' -> 'fc_norm'"):
+    loop.check_resume_config(str(tmp_path / "ft"), {"task": "finetune", "config": ft})
 
 
 # --- metrics and counters across a resume -----------------------------------------------------------------

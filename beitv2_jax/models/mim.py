@@ -23,6 +23,17 @@ def backbone_defaults(size: str = "base", **kw) -> dict:
   return d
 
 
+def mim_kwargs(*, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, init_values, drop_path_rate,
+               early_layers, head_layers, agg_init_style, vocab_size) -> dict:
+  """A pretraining `config.model` -> BEiTForMIM's (stored) keyword arguments: the backbone of
+  `backbone_defaults` at this size, the aggregation head over block `early_layers`'s output."""
+  backbone = backbone_defaults(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                               num_heads=num_heads, mlp_ratio=mlp_ratio, init_values=init_values,
+                               drop_path_rate=drop_path_rate)
+  return dict(backbone=backbone, vocab_size=vocab_size, early_layers=early_layers, head_layers=head_layers,
+              agg_init_style=agg_init_style)
+
+
 def masked_positions(mask: Array, num_masked: int) -> Array:
   """(B, N) bool -> (B, num_masked) indices of the masked patches in row-major order (static shape)."""
   return jnp.argsort(~mask, axis=1, stable=True)[:, :num_masked]

@@ -369,6 +369,25 @@ class VisionTransformer(nn.Module):
     return out
 
 
+def classifier_kwargs(*, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, init_values,
+                      drop_path_rate, final_norm, head_init_scale, num_classes) -> dict:
+  """A fine-tuning `config.model` -> modeling_finetune's beit_*_patch16_224 (a relative position table in
+  every block, layer scale, the fine-tuning init). final_norm "fc_norm": mean pooling, the official
+  fine-tuning (use_mean_pooling); "norm": the [CLS] token."""
+  return dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+              use_abs_pos_emb=False, rel_pos="layer", init_values=init_values, init_style="finetune",
+              drop_path_rate=drop_path_rate, img_size=img_size, num_classes=num_classes, final_norm=final_norm,
+              head_init_scale=head_init_scale)
+
+
+def encoder_kwargs(*, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, init_values) -> dict:
+  """A probe's or k-NN's `config.model` -> the BEiT v2 pretraining encoder (shared relative position table,
+  layer scale, final norm, the pretraining init): what a random-init baseline measures."""
+  return dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+              mlp_ratio=mlp_ratio, use_abs_pos_emb=False, rel_pos="shared", init_values=init_values,
+              use_mask_token=False, final_norm="norm", init_style="pretrain")
+
+
 def rescale_init(params: dict, prefix_depth: Sequence[tuple[str, int]]) -> dict:
   """The official `fix_init_weight`: divide block i's (1-based) attn.proj and mlp.fc2 kernels by sqrt(2i).
 

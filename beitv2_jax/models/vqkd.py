@@ -31,14 +31,16 @@ def decoder_defaults(grid: int, **kw) -> dict:
   return encoder_defaults(img_size=grid, patch_size=1, **kw)
 
 
-def vqkd_kwargs(m, teacher_dim: int) -> dict:
-  """VQKD constructor kwargs from a tokenizer's `config.model` ConfigDict."""
-  grid = m.img_size // m.patch_size
-  enc = encoder_defaults(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
-                         num_heads=m.num_heads, mlp_ratio=m.get("mlp_ratio", 4.0))
-  dec = decoder_defaults(grid, embed_dim=m.decoder_embed_dim, depth=m.decoder_depth,
-                         num_heads=m.decoder_num_heads, mlp_ratio=m.get("mlp_ratio", 4.0))
-  return dict(encoder=enc, decoder=dec, codebook_size=m.codebook_size, codebook_dim=m.codebook_dim,
+def vqkd_kwargs(*, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, decoder_embed_dim,
+                decoder_depth, decoder_num_heads, codebook_size, codebook_dim, teacher_dim) -> dict:
+  """A tokenizer's `config.model` -> VQKD's (stored) keyword arguments. teacher_dim: the teacher's feature
+  dim, which the decoder reconstructs."""
+  grid = img_size // patch_size
+  enc = encoder_defaults(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                         num_heads=num_heads, mlp_ratio=mlp_ratio)
+  dec = decoder_defaults(grid, embed_dim=decoder_embed_dim, depth=decoder_depth, num_heads=decoder_num_heads,
+                         mlp_ratio=mlp_ratio)
+  return dict(encoder=enc, decoder=dec, codebook_size=codebook_size, codebook_dim=codebook_dim,
               teacher_dim=teacher_dim)
 
 

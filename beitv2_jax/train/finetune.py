@@ -15,7 +15,8 @@ import optax
 
 from beitv2_jax import api, flops
 from beitv2_jax.data import transforms
-from beitv2_jax.models.vit import VisionTransformer
+from beitv2_jax.models.build import fields_call, split_execution
+from beitv2_jax.models.vit import VisionTransformer, classifier_kwargs
 from beitv2_jax.train import optim
 from beitv2_jax.train.loop import Task
 
@@ -159,24 +160,21 @@ class FinetuneTask(_ClassifierTask):
   def __init__(self, config, workdir, mesh):
     super().__init__(config, workdir, mesh)
     m = config.model
+    arch, run = split_execution(m)
     self.init_model = None
-    overrides = dict(drop_path_rate=m.drop_path_rate, img_size=m.img_size, num_classes=self.num_classes,
-                     final_norm="norm" if m.use_cls else "fc_norm", head_init_scale=m.head_init_scale,
-                     scan=m.scan, remat=m.remat)
-    if config.init_from:
+    if config.init_from:  # the architecture is the checkpoint's; config.model sets what fine-tuning may change
+      overrides = {k: arch[k] for k in ("drop_path_rate", "img_size", "final_norm", "head_init_scale")}
+      overrides.update(num_classes=self.num_classes, scan=m.scan, remat=m.remat)
       loaded = api.load(config.init_from)
       if loaded.kind == "classifier":  # a fine-tuned checkpoint: re-head if the class count differs
         self.init_model = api.reclassify(loaded, **overrides)
       else:
         self.init_model = api.convert_kind(loaded, "classifier", **overrides)
       self.kwargs = dict(self.init_model.config)
+      self.kwargs.pop("scan", None); self.kwargs.pop("remat", None)
     else:
-      self.kwargs = dict(patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
-                         mlp_ratio=m.mlp_ratio, use_abs_pos_emb=False, rel_pos="layer", init_values=m.init_values,
-                         init_style="finetune", **overrides)
-    self.kwargs.pop("scan", None); self.kwargs.pop("remat", None)
-    self.model = VisionTransformer(**self.kwargs, dtype=api.dtype_of(m.dtype), scan=m.scan, remat=m.remat,
-                                   attention=m.attention)
+      self.kwargs = fields_call(classifier_kwargs, arch, num_classes=self.num_classes)
+    self.model = VisionTransformer(**self.kwargs, **run)
     a = config.aug
     if a.mixup > 0 or a.cutmix > 0:
       mixup_groups(config.batch_size, a.mixup_group_size)  # a bad group size fails here, not in jit

@@ -23,6 +23,7 @@ import optax
 from beitv2_jax import checkpoint, parallel, roofline
 from beitv2_jax.config_defaults import validate as validate_config
 from beitv2_jax.data import pipeline, sources
+from beitv2_jax.models.build import EXECUTION_FIELDS
 from beitv2_jax.train import optim
 from beitv2_jax.train.writer import MetricWriter
 
@@ -369,8 +370,14 @@ def validate(config, mesh=None) -> None:
                        f"axes ({dict(mesh.shape)}) and {hosts} process(es): use a multiple of {n}")
 
 
-# Model fields that may change between a checkpoint and the run resuming from it: how the same math runs.
-EXECUTION_FIELDS = ("dtype", "remat", "attention")
+# Model fields that may change between a checkpoint and the run resuming from it: how the same math runs
+# (not `scan`, which stacks the blocks' parameters).
+RESUMABLE_MODEL_FIELDS = tuple(f for f in EXECUTION_FIELDS if f != "scan")
+
+# config.json keys of runs written before config.model held constructor fields only, and their names now.
+_RENAMED_KEYS = {"config.model.ema_decay": "config.quantizer.ema_decay",
+                 "config.model.kmeans_init": "config.quantizer.kmeans_init",
+                 "config.model.dead_code_restart_steps": "config.quantizer.dead_code_restart_steps"}
 
 
 def check_resume_config(workdir: str, run_info: dict) -> None:
@@ -387,7 +394,7 @@ def check_resume_config(workdir: str, run_info: dict) -> None:
     raise ValueError(f"{path} is not valid JSON ({e}): cannot check this run against the one that wrote the "
                      "checkpoints") from None
   new = json.loads(json.dumps(run_info, sort_keys=True, default=str))
-  diffs = _diff(_flat(old), _flat(new))
+  diffs = _diff(_upgrade(_flat(old)), _flat(new))
   model = [d for d in diffs if _is_model_field(d[0])]
   if model:
     raise ValueError(f"{workdir} holds checkpoints of a different model; fields that differ from its config.json: "
@@ -399,12 +406,23 @@ def check_resume_config(workdir: str, run_info: dict) -> None:
                                                           for k, a, b in others), flush=True)
 
 
+def _upgrade(old: dict) -> dict:
+  """A flat config.json of an earlier layout in today's names (_RENAMED_KEYS; `use_cls` became `final_norm`,
+  and a tokenizer's config.model lost `scan` and `remat`, which it never used), so that its runs resume."""
+  out = {_RENAMED_KEYS.get(k, k): v for k, v in old.items()}
+  if "config.model.use_cls" in out:
+    out["config.model.final_norm"] = "norm" if out.pop("config.model.use_cls") else "fc_norm"
+  if out.get("task") == "tokenizer" and out.get("config.model.scan") is False:
+    out.pop("config.model.scan"); out.pop("config.model.remat", None)
+  return out
+
+
 def _is_model_field(key: str) -> bool:
   """`task`, the stored architecture (`kind`, `model.*`) and `config.model.*` but the execution fields."""
   parts = key.split(".")
   if key in ("task", "kind", "config.task") or parts[0] == "model":
     return True
-  return parts[:2] == ["config", "model"] and len(parts) > 2 and parts[2] not in EXECUTION_FIELDS
+  return parts[:2] == ["config", "model"] and len(parts) > 2 and parts[2] not in RESUMABLE_MODEL_FIELDS
 
 
 def _flat(d, prefix: str = "") -> dict:

@@ -10,7 +10,8 @@ from beitv2_jax import api, flops
 from beitv2_jax.data import transforms
 from beitv2_jax.data.masking import MaskingGenerator
 from beitv2_jax.models import quantizer
-from beitv2_jax.models.mim import BEiTForMIM, backbone_defaults, masked_positions
+from beitv2_jax.models.build import fields_call, split_execution
+from beitv2_jax.models.mim import BEiTForMIM, masked_positions, mim_kwargs
 from beitv2_jax.models.vqkd import VQKD, vqkd_kwargs
 from beitv2_jax.train.loop import Task
 
@@ -46,22 +47,21 @@ def random_tokenizer(config) -> api.Model:
   """A randomly initialised VQ-KD (its codes mean nothing), for benchmarks, smoke tests and compiling
   offline: of config.tokenizer's architecture when the config has one, else of the student's size with a
   1-block decoder."""
-  import ml_collections
   tok = config.tokenizer
   if tok is not None:
-    tm, teacher_dim = tok.model, tok.model.teacher_dim or _teacher_dim(tok)
+    arch, _ = split_execution(tok.model)
+    kwargs = fields_call(vqkd_kwargs, arch, "config.tokenizer.model",
+                         teacher_dim=tok.model.teacher_dim or _teacher_dim(tok))
   else:
     m = config.model
-    tm = ml_collections.ConfigDict(dict(
-        img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
-        decoder_embed_dim=m.embed_dim, decoder_depth=1, decoder_num_heads=m.num_heads,
-        codebook_size=8192, codebook_dim=32))  # the official codebook
-    teacher_dim = 512
-  kwargs = vqkd_kwargs(tm, teacher_dim)
+    kwargs = vqkd_kwargs(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
+                         num_heads=m.num_heads, mlp_ratio=4.0, decoder_embed_dim=m.embed_dim, decoder_depth=1,
+                         decoder_num_heads=m.num_heads, codebook_size=8192, codebook_dim=32,  # the official codebook
+                         teacher_dim=512)
   module = VQKD(**kwargs, dtype=api.dtype_of(config.tokenizer_dtype))
-  s = tm.img_size
+  s = kwargs["encoder"]["img_size"]
   params = jax.jit(lambda k: module.init(k, jnp.zeros((1, s, s, 3)))["params"])(jax.random.key(0))
-  codebook = quantizer.new_codebook(jax.random.key(1), tm.codebook_size, tm.codebook_dim).embedding
+  codebook = quantizer.new_codebook(jax.random.key(1), module.codebook_size, module.codebook_dim).embedding
   return api.Model("tokenizer", module, params, kwargs, np.asarray(codebook), "random")
 
 
@@ -92,14 +92,9 @@ class PretrainTask(Task):
     self.second_size = tok_enc["img_size"]
     self.mask_generator = MaskingGenerator.from_ratio((grid, grid), config.mask.ratio, config.mask.min_patches)
     self.num_masked = self.mask_generator.num_masking_patches
-    self.kwargs = dict(
-        backbone=backbone_defaults(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim,
-                                   depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-                                   init_values=m.init_values, drop_path_rate=m.drop_path_rate),
-        vocab_size=self.tokenizer.module.codebook_size, early_layers=m.early_layers, head_layers=m.head_layers,
-        agg_init_style=m.agg_init_style)
-    self.model = BEiTForMIM(**self.kwargs, dtype=api.dtype_of(m.dtype), scan=m.scan, remat=m.remat,
-                            attention=m.attention)
+    arch, run = split_execution(m)
+    self.kwargs = fields_call(mim_kwargs, arch, vocab_size=self.tokenizer.module.codebook_size)
+    self.model = BEiTForMIM(**self.kwargs, **run)
     self.frozen = {"params": self.tokenizer.params, "codebook": jnp.asarray(self.tokenizer.codebook)}
     n = grid * grid + 1
     student = (flops.vit_forward_flops(m.img_size, m.patch_size, m.embed_dim, m.depth, m.mlp_ratio)

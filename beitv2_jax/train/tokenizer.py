@@ -11,6 +11,7 @@ import numpy as np
 from beitv2_jax import api, flops
 from beitv2_jax.data import transforms
 from beitv2_jax.models import quantizer, teacher as teacher_lib
+from beitv2_jax.models.build import fields_call, split_execution
 from beitv2_jax.models.vqkd import VQKD, vqkd_kwargs
 from beitv2_jax.train.loop import Task, TrainState
 
@@ -61,8 +62,9 @@ class TokenizerTask(Task):
     if td and td != self.teacher.dim:
       raise ValueError(f"model.teacher_dim={td} does not match the teacher's feature dim {self.teacher.dim} "
                        f"({self.teacher.source})")
-    self.kwargs = vqkd_kwargs(m, self.teacher.dim)
-    self.model = VQKD(**self.kwargs, dtype=api.dtype_of(m.dtype), attention=m.attention)
+    arch, run = split_execution(m)
+    self.kwargs = fields_call(vqkd_kwargs, arch, teacher_dim=self.teacher.dim)
+    self.model = VQKD(**self.kwargs, **run)
     self.frozen = self.teacher.params
     grid = self.grid = m.img_size // m.patch_size
     n = grid * grid + 1
@@ -83,7 +85,7 @@ class TokenizerTask(Task):
     params = self.model.init(k_init, jnp.zeros((1, size, size, 3)))["params"]
     params = self.model.fix_init(params)
     codebook = quantizer.new_codebook(k_code, self.config.model.codebook_size, self.config.model.codebook_dim,
-                                      initted=not self.config.model.kmeans_init)
+                                      initted=not self.config.quantizer.kmeans_init)
     return self.new_state(params, k_state, extra=codebook)
 
   def model_info(self):
@@ -91,7 +93,7 @@ class TokenizerTask(Task):
 
   def initial_step(self):
     """With `kmeans_init` (official), the first step runs k-means on the batch's encodings first."""
-    return functools.partial(self._step, kmeans=True) if self.config.model.kmeans_init else None
+    return functools.partial(self._step, kmeans=True) if self.config.quantizer.kmeans_init else None
 
   def first_step(self, state: TrainState):
     """initial_step while the codebook still needs its k-means init; loaded and resumed codebooks are initted."""
@@ -103,7 +105,7 @@ class TokenizerTask(Task):
     return self._step(state, batch, teacher_params, kmeans=False)
 
   def _step(self, state: TrainState, batch: dict, teacher_params, kmeans: bool):
-    m = self.config.model
+    q = self.config.quantizer
     rng = jax.random.fold_in(state.rng, state.step)
     k_kmeans, k_drop, k_restart = jax.random.split(rng, 3)
     images = transforms.to_unit(batch["image"])
@@ -119,7 +121,7 @@ class TokenizerTask(Task):
 
     (loss, (cb, z, ids, rec_loss, commit)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     params, opt_state, opt_metrics = self.apply_gradients(state, grads)
-    cb = quantizer.ema_update(cb, z, ids, m.ema_decay, state.step, restart_after=m.dead_code_restart_steps,
+    cb = quantizer.ema_update(cb, z, ids, q.ema_decay, state.step, restart_after=q.dead_code_restart_steps,
                               restart_key=k_restart)
     metrics = {"loss": loss, "rec_loss": rec_loss, "quant_loss": commit, **opt_metrics,
                **quantizer.usage_metrics(cb.interval_counts)}
