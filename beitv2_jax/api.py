@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from beitv2_jax import convert
+from beitv2_jax import convert, resample
 from beitv2_jax.data import transforms
 from beitv2_jax.models import quantizer
 from beitv2_jax.models.build import dtype_of, fields_call, split_execution
@@ -603,7 +603,7 @@ def classifier_state_dict(sd: dict, cfg: dict, fresh: dict) -> dict:
     if k.endswith("relative_position_bias_table"):
       v = convert.resize_rel_pos_table(v, grid)
     elif k == "pos_embed":
-      v = convert.resize_pos_embed(v, grid)
+      v = resample.resize_pos_embed(v, grid)
     out[k] = v
   for k, v in fresh.items():
     if k.startswith(("head.", "fc_norm.")) or k not in out:

@@ -79,3 +79,72 @@ def test_dino_target_matches_transformers_vit(tmp_path):
 def test_missing_teacher_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="no config.json|neither"):
     T.load_teacher(str(tmp_path))
+
+
+def _torch_features(model, t, x, drop: int, **kw):
+  import torch
+  pix = torch.from_numpy(np.array(t.normalise(x)).transpose(0, 3, 1, 2).copy())
+  with torch.no_grad():
+    return model(pixel_values=pix, **kw).last_hidden_state[:, drop:].numpy()
+
+
+def _assert_close_relative(ours, ref, rel=1e-4):
+  """Every feature within `rel` of the reference's largest magnitude."""
+  ours = np.asarray(ours)
+  assert ours.shape == ref.shape
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=rel * np.abs(ref).max())
+
+
+def _perturb(model, names):
+  """Parameters transformers initialises to constants (layer scale, registers) made random, so that a
+  loader that dropped or misplaced them fails."""
+  import torch
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if any(n in name for n in names):
+        p.copy_(torch.randn_like(p) * 0.5 + 1.0)
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+def test_dinov2_target_matches_transformers_at_the_tokenizers_grid(tmp_path, registers):
+  """DINOv2 (layer scale, patch 4 here, 10x10 position table) built for an 8x8 grid: its position table is
+  resized as transformers' interpolate_pos_encoding does at 32 px (bicubic; antialiased with registers), and
+  the final-norm patch tokens (registers and [CLS] dropped) equal transformers' within 1e-4 relative."""
+  torch = pytest.importorskip("torch")
+  torch.manual_seed(0)
+  kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4, image_size=40, mlp_ratio=2)
+  if registers:
+    model = transformers.Dinov2WithRegistersModel(
+        transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **kw)).eval()
+  else:
+    model = transformers.Dinov2Model(transformers.Dinov2Config(**kw)).eval()
+  _perturb(model, ("lambda1", "register_tokens"))
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  t = T.load_teacher(str(tmp_path), grid=8)
+  assert (t.kind, t.dim, t.module.image_size, t.grid(), t.module.num_register_tokens) == ("dinov2", 64, 32, 8, registers)
+  x = _images()
+  _assert_close_relative(t.target(x), _torch_features(model, t, x, 1 + registers))
+
+
+@pytest.mark.parametrize("grid", [8, 6])
+def test_siglip_target_matches_transformers(tmp_path, grid):
+  """SigLIP (no [CLS], tanh GELU, post_layernorm on every token) at its own 8x8 grid and at 6x6 (position
+  table interpolated as transformers' interpolate_pos_encoding=True does), within 1e-4 relative."""
+  torch = pytest.importorskip("torch")
+  torch.manual_seed(0)
+  model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+      hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+      patch_size=4)).eval()
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  t = T.load_teacher(str(tmp_path), grid=grid)
+  assert (t.kind, t.dim, t.grid()) == ("siglip", 64, grid)
+  x = jnp.asarray(np.random.RandomState(1).rand(2, 4 * grid, 4 * grid, 3).astype(np.float32))
+  _assert_close_relative(t.target(x), _torch_features(model, t, x, 0, interpolate_pos_encoding=grid != 8))
+  np.testing.assert_allclose(np.asarray(t.normalise(x)), (np.clip(np.asarray(x) * 255, 0, 255) / 255 - 0.5) / 0.5,
+                             atol=1e-5)
+
+
+def test_unknown_teacher_family_is_a_clear_error(tmp_path):
+  transformers.BertConfig().save_pretrained(tmp_path)
+  with pytest.raises(ValueError, match="model_type 'bert' is not a teacher family"):
+    T.load_teacher(str(tmp_path))

@@ -156,16 +156,19 @@ def test_gelu_is_torch_exact_gelu_with_the_same_gradient():
   assert gelu(xb).dtype == jnp.bfloat16 and jax.grad(lambda x: gelu(x).sum())(xb).dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("src, dst", [(14, 24), (14, 7), (16, 14), (2, 5)])
-def test_resize_pos_embed_is_torch_bicubic(src, dst):
+@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize("src, dst", [(14, 24), (14, 7), (16, 14), (2, 5), (37, 16)])
+def test_resize_pos_embed_is_torch_bicubic(src, dst, antialias):
   """Absolute position embeddings resized as the official code does (torch bicubic, a = -0.75,
-  align_corners=False), within float32 rounding (1e-5); the CLS embedding is kept as it is."""
+  align_corners=False) and as transformers' DINOv2-with-registers does (antialias=True: a = -0.5, the
+  kernel stretched when shrinking), within float32 rounding (1e-5); the CLS embedding is kept as it is."""
   import torch
-  from beitv2_jax import convert
+  from beitv2_jax import resample
   pos = np.random.RandomState(src * dst).randn(1, 1 + src * src, 6).astype(np.float32)
-  ours = convert.resize_pos_embed(pos, (dst, dst))
+  ours = resample.resize_pos_embed(pos, (dst, dst), antialias=antialias)
   grid = torch.from_numpy(pos[:, 1:]).reshape(1, src, src, 6).permute(0, 3, 1, 2).double()
-  ref = torch.nn.functional.interpolate(grid, size=(dst, dst), mode="bicubic", align_corners=False)
+  ref = torch.nn.functional.interpolate(grid, size=(dst, dst), mode="bicubic", align_corners=False,
+                                        antialias=antialias)
   np.testing.assert_allclose(ours[0, 1:], ref.permute(0, 2, 3, 1).reshape(dst * dst, 6).numpy(), atol=1e-5)
   np.testing.assert_array_equal(ours[:, :1], pos[:, :1])
 

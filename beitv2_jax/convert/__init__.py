@@ -300,38 +300,6 @@ def resize_rel_pos_table(table: np.ndarray, dst_window: tuple[int, int]) -> np.n
   return np.concatenate([np.concatenate(out, axis=-1), extra], axis=0).astype(np.float32)
 
 
-def resize_pos_embed(pos: np.ndarray, dst_grid: tuple[int, int]) -> np.ndarray:
-  """(1, 1+h*w, D) -> (1, 1+H*W, D), bicubic on the patch part (CLS kept), as the official code does it:
-  torch.nn.functional.interpolate(mode="bicubic", align_corners=False), whose cubic kernel has a = -0.75
-  (jax.image.resize's has a = -0.5)."""
-  n = pos.shape[1] - 1
-  src = int(round(np.sqrt(n)))
-  if (src, src) == tuple(dst_grid):
-    return pos
-  grid = np.asarray(pos[0, 1:], np.float64).reshape(src, src, -1)
-  new = np.einsum("ah,hwd->awd", _torch_bicubic_matrix(src, dst_grid[0]), grid)
-  new = np.einsum("bw,awd->abd", _torch_bicubic_matrix(src, dst_grid[1]), new)
-  return np.concatenate([pos[:, :1], new.reshape(1, -1, grid.shape[-1])], axis=1).astype(np.float32)
-
-
-def _torch_bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
-  """(n_out, n_in) weights of torch's 1-D bicubic resampling (align_corners=False, no antialiasing):
-  source coordinate (i + 0.5) * n_in / n_out - 0.5, four taps, indices clamped at the borders."""
-  def cubic(x):  # Keys' kernel
-    x = np.abs(x)
-    return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
-                    np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
-
-  m = np.zeros((n_out, n_in))
-  for i in range(n_out):
-    src = (i + 0.5) * n_in / n_out - 0.5
-    base = int(np.floor(src))
-    t = src - base
-    for k in range(-1, 3):
-      m[i, min(max(base + k, 0), n_in - 1)] += cubic(k - t)
-  return m
-
-
 # ------------------------------------------------------------------------------------------------
 # Architecture inference from keys and shapes
 # ------------------------------------------------------------------------------------------------

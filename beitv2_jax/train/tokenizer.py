@@ -16,8 +16,11 @@ from beitv2_jax.models.vqkd import VQKD, vqkd_kwargs
 from beitv2_jax.train.loop import Task, TrainState
 
 def build_teacher(config) -> teacher_lib.Teacher:
-  """config.teacher: 'random' (an offline random CLIP, or DINO ViT with kind='dino'; config.random_teacher
-  sizes it), a hub id such as openai/clip-vit-base-patch16, or a local transformers folder."""
+  """config.teacher: 'random' (an offline random teacher, config.random_teacher: a CLIP, or kind 'dino',
+  'dinov2', 'siglip'), a hub id such as openai/clip-vit-base-patch16, a local transformers folder, or an
+  ONNX export of a DINOv2 ViT (*.onnx). DINOv2 and SigLIP are built for the tokenizer's token grid (their
+  position tables interpolated); a teacher whose patch differs from the tokenizer's (DINOv2's 14) still
+  sees the image at another size, which needs teacher_resize."""
   m = config.model
   dtype = api.dtype_of(config.teacher_dtype)
   if config.teacher == "random":
@@ -26,19 +29,20 @@ def build_teacher(config) -> teacher_lib.Teacher:
                                    dtype=dtype, kind=r.kind)
     logging.warning("teacher: %s -- its features carry no meaning; use a real CLIP for real tokenizers", t.source)
     return t
-  t = teacher_lib.load_teacher(config.teacher, dtype=dtype)
   grid = m.img_size // m.patch_size
+  t = teacher_lib.load_teacher(config.teacher, dtype=dtype, grid=grid)
   if t.module.image_size == m.img_size and t.grid() == grid:
     return t
   if config.teacher_resize:
-    logging.warning("teacher_resize: images resized to the teacher's %d px and its %dx%d features to %dx%d "
-                    "(not in the official recipe)", t.module.image_size, t.grid(), t.grid(), grid, grid)
+    logging.warning("teacher_resize: images resized to the teacher's %d px, its %dx%d features %s "
+                    "(not in the official recipe)", t.module.image_size, t.grid(), t.grid(),
+                    "kept" if t.grid() == grid else f"resized to {grid}x{grid}")
     return t
   raise ValueError(
       f"teacher {config.teacher} has a {t.grid()}x{t.grid()} token grid ({t.module.image_size} px, patch "
       f"{t.module.patch_size}) but the tokenizer has {grid}x{grid} ({m.img_size} px, patch {m.patch_size}); "
       f"the teacher sees the same image, so they must match (or set teacher_resize=True to resize the image "
-      f"and the teacher's feature map)")
+      f"and, where the grids differ, the teacher's feature map)")
 
 
 def cosine_rec_loss(rec: jax.Array, target: jax.Array) -> jax.Array:
