@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from beitv2_jax import api, checkpoint, parallel, tasks
+from beitv2_jax import api, checkpoint, parallel, report, tasks
 from beitv2_jax.config_defaults import with_updates
 from beitv2_jax.data import sources, transforms
 from beitv2_jax.train import loop
@@ -42,14 +42,20 @@ def run(config, workdir: str) -> dict:
     kc = with_updates(config.knn, {"init_from": init})
     results[f"knn_{name}"] = tasks.run_function("knn")(kc, os.path.join(workdir, f"knn_{name}"))["top1"]
 
-  # ---- 4. Pictures and the table -----------------------------------------------------------------
+  # ---- 4. Pictures, the tokenizer report and the table -------------------------------------------
   if main:
     pictures(config, workdir, tok_dir, pt_dir)
+    # what the photo-trained codes say about the digits the probes classify
+    d = config.linprobe.data
+    results["tokenizer_report"] = report.report(tok_dir, d.name, os.path.join(workdir, "tokenizer_report"),
+                                                train_split=d.train_split, eval_split=d.eval_split)
     table = results_table(results, config)
     with open(os.path.join(workdir, "results.md"), "w") as f:
       f.write(table + "\n")
     print("\n" + table, flush=True)
   flat = {k: v for k, v in results.items() if not isinstance(v, dict)}
+  flat.update({f"tokenizer_report_{k}": v for k, v in results.get("tokenizer_report", {}).items()
+               if isinstance(v, (int, float))})
   flat.update({f"tokenizer_{k}": v for k, v in tok_metrics.items() if k.startswith(("rec_loss", "codebook", "eval_"))})
   flat.update({f"pretrain_{k}": v for k, v in pt_metrics.items() if k.startswith(("mlm_acc", "eval_", "loss"))})
   checkpoint.write_json(os.path.join(workdir, "results.json"), flat)
@@ -57,16 +63,22 @@ def run(config, workdir: str) -> dict:
 
 
 def results_table(r: dict, config) -> str:
-  t, p = r["tokenizer"], r["pretrain"]
+  t, p, tr = r["tokenizer"], r["pretrain"], r.get("tokenizer_report", {"data": "-", "eval_split": "-"})
+  nan = float("nan")
   teacher = config.tokenizer.teacher
   rows = [
       ("Tokenizer", "rec_loss (1 - cos to the teacher), last interval", f"{t.get('rec_loss', float('nan')):.4f}"),
       ("Tokenizer", "codebook usage, last interval",
        f"{t.get('codebook_usage', float('nan')):.1%} of {config.tokenizer.model.codebook_size}"),
       ("Tokenizer", "teacher", "random CLIP (no weights offline)" if teacher == "random" else teacher),
+      ("Tokenizer", f"NMI(code; class) per patch, {tr['data']}/{tr['eval_split']}",
+       f"{tr.get('code_label_nmi', nan):.3f}"),
+      ("Tokenizer", f"k-NN on bags of codes, {tr['data']} (majority class {tr.get('chance_top1', nan):.1%})",
+       f"{tr.get('bag_of_codes_knn_top1', nan):.1%}"),
       ("MIM", "masked-token accuracy, main head (training batches, last interval)",
        f"{p.get('mlm_acc_1', float('nan')):.1%}"),
-      ("MIM", "always the batch's most frequent code (training batches)", f"{p.get('mlm_majority_acc', float('nan')):.1%}"),
+      ("MIM", "always the batch's most frequent code (training batches)",
+       f"{p.get('mlm_majority_acc', float('nan')):.1%}"),
       ("MIM", "masked-token accuracy, main head (held-out)", f"{p.get('eval_mlm_acc_1', float('nan')):.1%}"),
       ("MIM", "masked-token accuracy, aggregation head (held-out)", f"{p.get('eval_mlm_acc_2', float('nan')):.1%}"),
       ("MIM", "majority-code baseline (held-out)", f"{p.get('eval_majority_code_acc', float('nan')):.1%}"),
@@ -117,35 +129,14 @@ def pictures(config, workdir, tok_dir, pt_dir):
   fig.savefig(os.path.join(workdir, "training_curves.png"), dpi=90)
   plt.close(fig)
 
-  # Codebook usage histogram over the held-out split
-  counts = np.zeros(tok.codebook.shape[0], np.int64)
+  # Codebook usage and token maps (the tokenizer report's pictures) over the centre crops
   all_imgs = np.stack([view(Image.fromarray(np.asarray(source[i]["image"])), None)["image"]
                        for i in range(min(len(source), 512))])
-  for i in range(0, len(all_imgs), 128):
-    ids = np.asarray(tok.encode(all_imgs[i:i + 128].astype(np.float32) / 255.0))
-    counts += np.bincount(ids.ravel(), minlength=len(counts))
-  fig, ax = plt.subplots(figsize=(8, 3))
-  ax.bar(np.arange(len(counts)), np.sort(counts)[::-1], width=1.0)
-  ax.set(title=f"codebook usage on centre crops: {np.mean(counts > 0):.0%} of {len(counts)} codes used",
-         xlabel="code (sorted by frequency)", ylabel="count", yscale="log")
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "codebook_usage.png"), dpi=90)
-  plt.close(fig)
-
-  # Token maps: images beside their code grids (same colour = same code)
+  all_imgs = np.repeat(all_imgs, 3, -1) if all_imgs.shape[-1] == 1 else all_imgs
+  all_ids = np.concatenate([np.asarray(tok.encode(all_imgs[i:i + 128].astype(np.float32) / 255.0))
+                            for i in range(0, len(all_imgs), 128)])
+  report.pictures(all_imgs, all_ids, tok.codebook.shape[0], grid, workdir, n_show=n_show)
   ids = np.asarray(tok.encode(images.astype(np.float32) / 255.0)).reshape(-1, grid, grid)
-  cmap = plt.get_cmap("tab20", 20)
-  fig, ax = plt.subplots(2, n_show, figsize=(1.6 * n_show, 3.4))
-  for j in range(n_show):
-    ax[0, j].imshow(images[j]); ax[0, j].axis("off")
-    ax[1, j].imshow(ids[j] % 20, cmap=cmap, vmin=0, vmax=19)
-    for (r, c), v in np.ndenumerate(ids[j]):
-      ax[1, j].text(c, r, str(v), ha="center", va="center", fontsize=4)
-    ax[1, j].axis("off")
-  fig.suptitle("token maps: each patch's code id (colour = id mod 20)")
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "token_maps.png"), dpi=110)
-  plt.close(fig)
 
   # Masked prediction: image, mask, patches predicted right (green) / wrong (red)
   from beitv2_jax.data.masking import MaskingGenerator
