@@ -105,6 +105,27 @@ def test_teacher_with_another_grid_needs_teacher_resize(tmp_path):
   assert beitv2_jax.load(str(tmp_path / "yes")).decode(np.zeros((1, 64), np.int32)).shape == (1, 64, 16)
 
 
+def test_dinov2_and_siglip_teachers_train_a_tokenizer_at_its_grid(tmp_path):
+  """A DINOv2 folder (patch 2, a 20x20 position table) is built for the tokenizer's 8x8 grid, so it sees
+  16 px images: refused without teacher_resize (its image size differs), trained with it, its 32-d final-norm
+  features the decoder's target. A SigLIP of the tokenizer's own patch and size needs nothing."""
+  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("torch")
+  small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+  transformers.Dinov2Model(transformers.Dinov2Config(patch_size=2, image_size=40, **small)).save_pretrained(
+      tmp_path / "dinov2", safe_serialization=True)
+  with pytest.raises(ValueError, match=r"8x8 token grid \(16 px, patch 2\) but the tokenizer has 8x8 \(32 px"):
+    entry.run(tokenizer_config(steps=2, teacher=str(tmp_path / "dinov2")), str(tmp_path / "no"))
+  entry.run(tokenizer_config(steps=2, teacher=str(tmp_path / "dinov2"), teacher_resize=True), str(tmp_path / "v2"))
+  assert beitv2_jax.load(str(tmp_path / "v2")).decode(np.zeros((1, 64), np.int32)).shape == (1, 64, 32)
+  transformers.SiglipVisionModel(transformers.SiglipVisionConfig(patch_size=4, image_size=32, intermediate_size=64,
+                                                                 **small)).save_pretrained(
+      tmp_path / "siglip", safe_serialization=True)
+  entry.run(tokenizer_config(steps=2, teacher=str(tmp_path / "siglip")), str(tmp_path / "sig"))
+  rows = [r for r in read_metrics(str(tmp_path / "sig")) if "rec_loss" in r]
+  assert rows and np.isfinite(rows[-1]["rec_loss"])
+
+
 def test_kmeans_init_happens_in_the_first_step_only(tmp_path):
   """The first step of a fresh run initialises the codebook by k-means (official kmeans_init); later steps
   and resumed runs have no k-means (nor a conditional) in their compiled step."""

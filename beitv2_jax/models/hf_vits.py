@@ -59,111 +59,109 @@ class _Nest(nn.Module):
     return self.fn(self, *args)
 
 
-class CLIPVision(nn.Module):
-  """transformers' FlaxCLIPModel vision tower + visual_projection, parameter-compatible."""
+class _Tower(nn.Module):
+  """The fields every tower takes (transformers' config names in our spelling) and the pieces they share."""
   hidden_size: int
   intermediate_size: int
   num_layers: int
   num_heads: int
   patch_size: int
   image_size: int
-  projection_dim: int
+  layer_norm_eps: float = 1e-6
+  hidden_act: str = "gelu"
+  dtype: Any = jnp.float32
+
+
+# Helpers of the towers' compact methods. Plain functions, not Module methods: a Module method would
+# become the parent of the submodules it creates, and these must land in the _Nest that calls them.
+def _ln(t: _Tower, name):
+  return nn.LayerNorm(epsilon=t.layer_norm_eps, dtype=jnp.float32, name=name)
+
+
+def _patches(t: _Tower, pixels, name, use_bias=True):
+  """(B, H, W, 3) -> (B, N, hidden) float32: the patch convolution named `name`."""
+  x = nn.Conv(t.hidden_size, (t.patch_size,) * 2, (t.patch_size,) * 2, "VALID", use_bias=use_bias,
+              dtype=t.dtype, name=name)(pixels.astype(t.dtype))
+  return x.reshape(x.shape[0], -1, t.hidden_size).astype(jnp.float32)
+
+
+def _stack(t: _Tower, x, layer, *names):
+  """`layer(m, x)` in modules "0".."num_layers-1", nested under `names` (e.g. "encoder", "layers")."""
+  def run(m, x):
+    for i in range(t.num_layers):
+      x = _Nest(layer, name=str(i))(x)
+    return x
+  for name in reversed(names):
+    run = (lambda inner, name: lambda m, x: _Nest(inner, name=name)(x))(run, name)
+  return run(None, x)
+
+
+def _clip_style_layer(t: _Tower, m, x):
+  """CLIP's and SigLIP's block: layer_norm1, self_attn (q/k/v/out_proj), layer_norm2, mlp (fc1, fc2)."""
+  h = _Attention(t.num_heads, ("q_proj", "k_proj", "v_proj", "out_proj"), t.dtype,
+                 name="self_attn")(_ln(t, "layer_norm1")(x))
+  x = x + h.astype(jnp.float32)
+  h = _Nest(lambda m, y: _mlp(m, y, t.intermediate_size, t.hidden_size, _activation(t.hidden_act), t.dtype),
+            name="mlp")(_ln(t, "layer_norm2")(x))
+  return x + h.astype(jnp.float32)
+
+
+class CLIPVision(_Tower):
+  """transformers' FlaxCLIPModel vision tower + visual_projection, parameter-compatible."""
+  projection_dim: int = 512
   layer_norm_eps: float = 1e-5
   hidden_act: str = "quick_gelu"
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, pixels: Array) -> Array:
     """pixels: CLIP-normalised NHWC. Returns (B, N, projection_dim)."""
-    ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32, name=name)
-    act = ACTIVATIONS[self.hidden_act]
+    d = self.hidden_size
+
+    def embeddings(m, pixels):
+      cls = m.param("class_embedding", nn.initializers.normal(0.02), (d,))
+      x = _patches(self, pixels, "patch_embedding", use_bias=False)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, d)), x], axis=1)
+      return x + nn.Embed(x.shape[1], d, name="position_embedding")(jnp.arange(x.shape[1]))
 
     def vision_model(m, pixels):
-      def embeddings(m, pixels):
-        cls = m.param("class_embedding", nn.initializers.normal(0.02), (self.hidden_size,))
-        x = nn.Conv(self.hidden_size, (self.patch_size,) * 2, (self.patch_size,) * 2, "VALID", use_bias=False,
-                    dtype=self.dtype, name="patch_embedding")(pixels.astype(self.dtype))
-        b = x.shape[0]
-        x = x.reshape(b, -1, self.hidden_size).astype(jnp.float32)
-        x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.hidden_size)), x], axis=1)
-        pos = nn.Embed(x.shape[1], self.hidden_size, name="position_embedding")(jnp.arange(x.shape[1]))
-        return x + pos
-
-      x = _Nest(embeddings, name="embeddings")(pixels)
-      x = ln("pre_layrnorm")(x)
-
-      def encoder(m, x):
-        def layers(m, x):
-          for i in range(self.num_layers):
-            def layer(m, x):
-              h = _Attention(self.num_heads, ("q_proj", "k_proj", "v_proj", "out_proj"), self.dtype,
-                             name="self_attn")(ln("layer_norm1")(x))
-              x = x + h.astype(jnp.float32)
-
-              def mlp(m, y):
-                y = act(nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(y))
-                return nn.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(y)
-              return x + _Nest(mlp, name="mlp")(ln("layer_norm2")(x)).astype(jnp.float32)
-            x = _Nest(layer, name=str(i))(x)
-          return x
-        return _Nest(layers, name="layers")(x)
-
-      x = _Nest(encoder, name="encoder")(x)
-      return ln("post_layernorm")(x)  # applied to every token: the VQ-KD target, not HF's pooled output
+      x = _ln(self, "pre_layrnorm")(_Nest(embeddings, name="embeddings")(pixels))
+      x = _stack(self, x, lambda m, x: _clip_style_layer(self, m, x), "encoder", "layers")
+      return _ln(self, "post_layernorm")(x)  # applied to every token: the VQ-KD target, not HF's pooled output
 
     x = _Nest(vision_model, name="vision_model")(pixels)
     proj = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype, name="visual_projection")
     return proj(x[:, 1:]).astype(jnp.float32)
 
 
-class DINOViT(nn.Module):
+def _embed_with_cls(tower: _Tower, m, pixels):
+  """HF ViT / DINOv2 embeddings: [CLS] + patch_embeddings/projection, + position_embeddings (float32)."""
+  d = tower.hidden_size
+  cls = m.param("cls_token", nn.initializers.normal(0.02), (1, 1, d))
+  x = _Nest(lambda m, p: _patches(tower, p, "projection"), name="patch_embeddings")(pixels)
+  x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, d)), x], 1)
+  return x + m.param("position_embeddings", nn.initializers.normal(0.02), (1, x.shape[1], d))
+
+
+class DINOViT(_Tower):
   """transformers' FlaxViTModel (DINO weights), parameter-compatible; returns the final-norm patch tokens."""
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
-  patch_size: int
-  image_size: int
   layer_norm_eps: float = 1e-12
-  hidden_act: str = "gelu"
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, pixels: Array) -> Array:
-    ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32, name=name)
-    act = ACTIVATIONS[self.hidden_act]
-    d = self.hidden_size
+    act, d = _activation(self.hidden_act), self.hidden_size
 
-    def embeddings(m, pixels):
-      cls = m.param("cls_token", nn.initializers.normal(0.02), (1, 1, d))
-      def patch_embeddings(m, p):
-        return nn.Conv(d, (self.patch_size,) * 2, (self.patch_size,) * 2, "VALID", dtype=self.dtype,
-                       name="projection")(p.astype(self.dtype))
-      x = _Nest(patch_embeddings, name="patch_embeddings")(pixels)
-      b = x.shape[0]
-      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x.reshape(b, -1, d).astype(jnp.float32)], 1)
-      return x + m.param("position_embeddings", nn.initializers.normal(0.02), (1, x.shape[1], d))
+    def layer(m, x):
+      h = _HFViTAttention(self.num_heads, self.dtype, name="attention")(_ln(self, "layernorm_before")(x))
+      x = x + h.astype(jnp.float32)
+      h = _ln(self, "layernorm_after")(x)
+      h = _Nest(lambda m, y: act(nn.Dense(self.intermediate_size, dtype=self.dtype, name="dense")(y)),
+                name="intermediate")(h)
+      h = _Nest(lambda m, y: nn.Dense(d, dtype=self.dtype, name="dense")(y), name="output")(h)
+      return x + h.astype(jnp.float32)
 
-    x = _Nest(embeddings, name="embeddings")(pixels)
-
-    def encoder(m, x):
-      def layers(m, x):
-        for i in range(self.num_layers):
-          def layer(m, x):
-            h = ln("layernorm_before")(x)
-            h = _HFViTAttention(self.num_heads, self.dtype, name="attention")(h)
-            x = x + h.astype(jnp.float32)
-            h = ln("layernorm_after")(x)
-            h = _Nest(lambda m, y: act(nn.Dense(self.intermediate_size, dtype=self.dtype, name="dense")(y)),
-                      name="intermediate")(h)
-            h = _Nest(lambda m, y: nn.Dense(d, dtype=self.dtype, name="dense")(y), name="output")(h)
-            return x + h.astype(jnp.float32)
-          x = _Nest(layer, name=str(i))(x)
-        return x
-      return _Nest(layers, name="layer")(x)
-
-    x = _Nest(encoder, name="encoder")(x)
-    return ln("layernorm")(x)[:, 1:]
+    x = _Nest(lambda m, p: _embed_with_cls(self, m, p), name="embeddings")(pixels)
+    x = _stack(self, x, layer, "encoder", "layer")
+    return _ln(self, "layernorm")(x)[:, 1:]
 
 
 class _HFViTAttention(nn.Module):
@@ -188,99 +186,53 @@ def _mlp(m, x, hidden: int, out: int, act, dtype):
   return nn.Dense(out, dtype=dtype, name="fc2")(act(nn.Dense(hidden, dtype=dtype, name="fc1")(x)))
 
 
-class Dinov2ViT(nn.Module):
+class Dinov2ViT(_Tower):
   """transformers' Dinov2Model (and Dinov2WithRegistersModel with `num_register_tokens`), parameter-compatible
   (PyTorch module paths). Built for `image_size` px: its position table has that grid, resized from the
   checkpoint's when it differs (teacher.load_teacher). Returns the final layernorm's patch tokens."""
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
-  patch_size: int
-  image_size: int
   num_register_tokens: int = 0
-  layer_norm_eps: float = 1e-6
-  hidden_act: str = "gelu"
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, pixels: Array) -> Array:
-    ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32, name=name)
-    act = _activation(self.hidden_act)
     d, r = self.hidden_size, self.num_register_tokens
 
     def embeddings(m, pixels):
-      cls = m.param("cls_token", nn.initializers.normal(0.02), (1, 1, d))
-      x = _Nest(lambda m, p: nn.Conv(d, (self.patch_size,) * 2, (self.patch_size,) * 2, "VALID", dtype=self.dtype,
-                                     name="projection")(p.astype(self.dtype)), name="patch_embeddings")(pixels)
-      b = x.shape[0]
-      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x.reshape(b, -1, d).astype(jnp.float32)], 1)
-      x = x + m.param("position_embeddings", nn.initializers.normal(0.02), (1, x.shape[1], d))
+      x = _embed_with_cls(self, m, pixels)
       if r:  # after the position embeddings, between [CLS] and the patches
         reg = m.param("register_tokens", nn.initializers.zeros, (1, r, d))
-        x = jnp.concatenate([x[:, :1], jnp.broadcast_to(reg, (b, r, d)), x[:, 1:]], 1)
+        x = jnp.concatenate([x[:, :1], jnp.broadcast_to(reg, (x.shape[0], r, d)), x[:, 1:]], 1)
       return x
 
     def layer_scale(name):
       return _Nest(lambda m, y: y * m.param("lambda1", nn.initializers.ones, (d,)), name=name)
 
     def layer(m, x):
-      h = _HFViTAttention(self.num_heads, self.dtype, name="attention")(ln("norm1")(x))
+      h = _HFViTAttention(self.num_heads, self.dtype, name="attention")(_ln(self, "norm1")(x))
       x = x + layer_scale("layer_scale1")(h.astype(jnp.float32))
-      h = _Nest(lambda m, y: _mlp(m, y, self.intermediate_size, d, act, self.dtype), name="mlp")(ln("norm2")(x))
+      h = _Nest(lambda m, y: _mlp(m, y, self.intermediate_size, d, _activation(self.hidden_act), self.dtype),
+                name="mlp")(_ln(self, "norm2")(x))
       return x + layer_scale("layer_scale2")(h.astype(jnp.float32))
 
-    def layers(m, x):
-      for i in range(self.num_layers):
-        x = _Nest(layer, name=str(i))(x)
-      return x
-
     x = _Nest(embeddings, name="embeddings")(pixels)
-    x = _Nest(lambda m, x: _Nest(layers, name="layer")(x), name="encoder")(x)
-    return ln("layernorm")(x)[:, 1 + r:]
+    x = _stack(self, x, layer, "encoder", "layer")
+    return _ln(self, "layernorm")(x)[:, 1 + r:]
 
 
-class SiglipVision(nn.Module):
+class SiglipVision(_Tower):
   """transformers' SiglipVisionModel (the `vision_model` of SiglipModel), parameter-compatible (PyTorch
   module paths); no [CLS] token. Returns post_layernorm of every patch token (its last_hidden_state; the
   attention-pooling head is not used)."""
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
-  patch_size: int
-  image_size: int
-  layer_norm_eps: float = 1e-6
   hidden_act: str = "gelu_pytorch_tanh"
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, pixels: Array) -> Array:
-    ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32, name=name)
-    act = _activation(self.hidden_act)
-    d = self.hidden_size
-
     def embeddings(m, pixels):
-      x = nn.Conv(d, (self.patch_size,) * 2, (self.patch_size,) * 2, "VALID", dtype=self.dtype,
-                  name="patch_embedding")(pixels.astype(self.dtype))
-      x = x.reshape(x.shape[0], -1, d).astype(jnp.float32)
-      return x + nn.Embed(x.shape[1], d, name="position_embedding")(jnp.arange(x.shape[1]))
-
-    def layer(m, x):
-      h = _Attention(self.num_heads, ("q_proj", "k_proj", "v_proj", "out_proj"), self.dtype,
-                     name="self_attn")(ln("layer_norm1")(x))
-      x = x + h.astype(jnp.float32)
-      h = _Nest(lambda m, y: _mlp(m, y, self.intermediate_size, d, act, self.dtype), name="mlp")(ln("layer_norm2")(x))
-      return x + h.astype(jnp.float32)
-
-    def layers(m, x):
-      for i in range(self.num_layers):
-        x = _Nest(layer, name=str(i))(x)
-      return x
+      x = _patches(self, pixels, "patch_embedding")
+      return x + nn.Embed(x.shape[1], self.hidden_size, name="position_embedding")(jnp.arange(x.shape[1]))
 
     def vision_model(m, pixels):
       x = _Nest(embeddings, name="embeddings")(pixels)
-      x = _Nest(lambda m, x: _Nest(layers, name="layers")(x), name="encoder")(x)
-      return ln("post_layernorm")(x)
+      x = _stack(self, x, lambda m, x: _clip_style_layer(self, m, x), "encoder", "layers")
+      return _ln(self, "post_layernorm")(x)
 
     return _Nest(vision_model, name="vision_model")(pixels)
