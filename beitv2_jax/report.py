@@ -141,7 +141,8 @@ def pictures(images, ids, codebook_size: int, grid: int, out: str, title: str = 
   colour_of = np.full(codebook_size, 19)
   colour_of[top] = np.arange(len(top))
   picks = np.linspace(0, len(images) - 1, min(n_show, len(images))).astype(int)
-  cmap = plt.get_cmap("tab20", 20)
+  from matplotlib.colors import ListedColormap
+  cmap = ListedColormap(list(plt.get_cmap("tab20").colors[:19]) + [(0.82, 0.82, 0.82)])
   fig, ax = plt.subplots(2, len(picks), figsize=(1.6 * len(picks), 3.4), squeeze=False)
   for j, i in enumerate(picks):
     g = ids[i].reshape(grid, grid)
