@@ -106,11 +106,15 @@ def pictures(config, workdir, tok_dir, pt_dir):
   view = transforms.EvalTransform(size)
   from PIL import Image
   n_show = 8
-  picks = np.linspace(0, len(source) - 1, n_show).astype(int)
-  images = np.stack([view(Image.fromarray(np.asarray(source[int(i)]["image"])), None)["image"] for i in picks])
-  if images.shape[-1] == 1:
-    images = np.repeat(images, 3, -1)
   grid = size // config.pretrain.model.patch_size
+  # centre crops of up to 512 images and their codes; the pictures show n_show of them, evenly spaced
+  all_imgs = np.stack([view(Image.fromarray(np.asarray(source[i]["image"])), None)["image"]
+                       for i in range(min(len(source), 512))])
+  all_imgs = np.repeat(all_imgs, 3, -1) if all_imgs.shape[-1] == 1 else all_imgs
+  all_ids = np.concatenate([np.asarray(tok.encode(all_imgs[i:i + 128].astype(np.float32) / 255.0))
+                            for i in range(0, len(all_imgs), 128)])
+  picks = np.linspace(0, len(all_imgs) - 1, n_show).astype(int)  # the same picks as report.pictures'
+  images, ids = all_imgs[picks], all_ids[picks].reshape(-1, grid, grid)
 
   # Training curves
   tm, pm = read_metrics(tok_dir), read_metrics(pt_dir)
@@ -130,13 +134,7 @@ def pictures(config, workdir, tok_dir, pt_dir):
   plt.close(fig)
 
   # Codebook usage and token maps (the tokenizer report's pictures) over the centre crops
-  all_imgs = np.stack([view(Image.fromarray(np.asarray(source[i]["image"])), None)["image"]
-                       for i in range(min(len(source), 512))])
-  all_imgs = np.repeat(all_imgs, 3, -1) if all_imgs.shape[-1] == 1 else all_imgs
-  all_ids = np.concatenate([np.asarray(tok.encode(all_imgs[i:i + 128].astype(np.float32) / 255.0))
-                            for i in range(0, len(all_imgs), 128)])
   report.pictures(all_imgs, all_ids, tok.codebook.shape[0], grid, workdir, n_show=n_show)
-  ids = np.asarray(tok.encode(images.astype(np.float32) / 255.0)).reshape(-1, grid, grid)
 
   # Masked prediction: image, mask, patches predicted right (green) / wrong (red)
   from beitv2_jax.data.masking import MaskingGenerator
