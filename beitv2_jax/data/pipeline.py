@@ -47,6 +47,8 @@ class ExampleFn:
     else:
       raise RuntimeError(f"{self.max_replacements} consecutive unreadable images after index {index}")
     example = self.transform(Image.fromarray(image), rng)
+    for field in getattr(self.transform, "record_fields", ()):  # what the record carries beside the image
+      example[field] = record[field]
     example["label"] = np.int32(record["label"])
     example["bad"] = np.int32(bad)
     return example

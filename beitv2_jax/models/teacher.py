@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from beitv2_jax.models.build import dtype_of
 from beitv2_jax.resample import resize_grid, resize_pos_embed
 from beitv2_jax.trees import flatten, unflatten
 from beitv2_jax.models.hf_vits import CLIPVision, DINOViT, Dinov2ViT, SiglipVision
@@ -281,6 +283,14 @@ TEACHER_ARCHITECTURES = {
 }
 
 
+def architecture(t: Teacher, seed: int = 0) -> dict:
+  """config.random_teacher's fields for a random teacher of `t`'s architecture (the control a real teacher is
+  compared with): same family, width, depth, heads, feature dim and patch."""
+  m = t.module
+  return dict(kind=t.kind, width=m.hidden_size, depth=m.num_layers, heads=m.num_heads, dim=t.dim,
+              patch_size=m.patch_size, seed=seed)
+
+
 def random_teacher(image_size: int, patch_size: int, width: int = 64, depth: int = 2, heads: int = 2,
                    dim: int = 32, seed: int = 0, dtype=jnp.float32, kind: str = "clip") -> Teacher:
   """A randomly initialised teacher of one of the families (CLIP by default; "dino", "dinov2", "siglip"),
@@ -295,3 +305,34 @@ def random_teacher(image_size: int, patch_size: int, width: int = 64, depth: int
   params = jax.jit(lambda k: module.init(k, jnp.zeros((1, image_size, image_size, 3)))["params"])(jax.random.key(seed))
   name = {"clip": "CLIP", "dino": "DINO ViT", "dinov2": "DINOv2 ViT", "siglip": "SigLIP"}[kind]
   return Teacher(module, params, kind, dim, f"random {name} (width {width}, depth {depth}, seed {seed})")
+
+
+def build_teacher(config) -> Teacher:
+  """config.teacher: 'random' (an offline random teacher, config.random_teacher: a CLIP, or kind 'dino',
+  'dinov2', 'siglip'), a hub id such as openai/clip-vit-base-patch16, a local transformers folder, or an
+  ONNX export of a DINOv2 ViT (*.onnx). DINOv2 and SigLIP are built for the tokenizer's token grid (their
+  position tables interpolated); a teacher whose patch differs from the tokenizer's (DINOv2's 14) still
+  sees the image at another size, which needs teacher_resize."""
+  m = config.model
+  dtype = dtype_of(config.teacher_dtype)
+  grid = m.img_size // m.patch_size
+  if config.teacher == "random":
+    r = config.random_teacher
+    patch = r.patch_size or m.patch_size
+    t = random_teacher(grid * patch, patch, r.width, r.depth, r.heads, r.dim, seed=r.seed,
+                                   dtype=dtype, kind=r.kind)
+    logging.warning("teacher: %s -- its features carry no meaning; use a real CLIP for real tokenizers", t.source)
+  else:
+    t = load_teacher(config.teacher, dtype=dtype, grid=grid)
+  if t.module.image_size == m.img_size and t.grid() == grid:
+    return t
+  if config.teacher_resize:
+    logging.warning("teacher_resize: images resized to the teacher's %d px, its %dx%d features %s "
+                    "(not in the official recipe)", t.module.image_size, t.grid(), t.grid(),
+                    "kept" if t.grid() == grid else f"resized to {grid}x{grid}")
+    return t
+  raise ValueError(
+      f"teacher {config.teacher} has a {t.grid()}x{t.grid()} token grid ({t.module.image_size} px, patch "
+      f"{t.module.patch_size}) but the tokenizer has {grid}x{grid} ({m.img_size} px, patch {m.patch_size}); "
+      f"the teacher sees the same image, so they must match (or set teacher_resize=True to resize the image "
+      f"and, where the grids differ, the teacher's feature map)")

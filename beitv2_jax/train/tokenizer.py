@@ -2,48 +2,18 @@
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from beitv2_jax import api, flops
-from beitv2_jax.data import transforms
+from beitv2_jax import flops
+from beitv2_jax.data import pipeline, transforms
 from beitv2_jax.models import quantizer, teacher as teacher_lib
 from beitv2_jax.models.build import fields_call, split_execution
 from beitv2_jax.models.vqkd import VQKD, vqkd_kwargs
+from beitv2_jax.train import teacher_cache
 from beitv2_jax.train.loop import Task, TrainState
-
-def build_teacher(config) -> teacher_lib.Teacher:
-  """config.teacher: 'random' (an offline random teacher, config.random_teacher: a CLIP, or kind 'dino',
-  'dinov2', 'siglip'), a hub id such as openai/clip-vit-base-patch16, a local transformers folder, or an
-  ONNX export of a DINOv2 ViT (*.onnx). DINOv2 and SigLIP are built for the tokenizer's token grid (their
-  position tables interpolated); a teacher whose patch differs from the tokenizer's (DINOv2's 14) still
-  sees the image at another size, which needs teacher_resize."""
-  m = config.model
-  dtype = api.dtype_of(config.teacher_dtype)
-  if config.teacher == "random":
-    r = config.random_teacher
-    t = teacher_lib.random_teacher(m.img_size, m.patch_size, r.width, r.depth, r.heads, r.dim, seed=r.seed,
-                                   dtype=dtype, kind=r.kind)
-    logging.warning("teacher: %s -- its features carry no meaning; use a real CLIP for real tokenizers", t.source)
-    return t
-  grid = m.img_size // m.patch_size
-  t = teacher_lib.load_teacher(config.teacher, dtype=dtype, grid=grid)
-  if t.module.image_size == m.img_size and t.grid() == grid:
-    return t
-  if config.teacher_resize:
-    logging.warning("teacher_resize: images resized to the teacher's %d px, its %dx%d features %s "
-                    "(not in the official recipe)", t.module.image_size, t.grid(), t.grid(),
-                    "kept" if t.grid() == grid else f"resized to {grid}x{grid}")
-    return t
-  raise ValueError(
-      f"teacher {config.teacher} has a {t.grid()}x{t.grid()} token grid ({t.module.image_size} px, patch "
-      f"{t.module.patch_size}) but the tokenizer has {grid}x{grid} ({m.img_size} px, patch {m.patch_size}); "
-      f"the teacher sees the same image, so they must match (or set teacher_resize=True to resize the image "
-      f"and, where the grids differ, the teacher's feature map)")
-
 
 def cosine_rec_loss(rec: jax.Array, target: jax.Array) -> jax.Array:
   """mean over tokens of 1 - cos(rec, target) (rec_loss_type='cosine')."""
@@ -61,7 +31,7 @@ class TokenizerTask(Task):
     m = config.model
     if m.img_size % m.patch_size:
       raise ValueError(f"model.img_size={m.img_size} is not divisible by model.patch_size={m.patch_size}")
-    self.teacher = build_teacher(config)
+    self.teacher = teacher_lib.build_teacher(config)
     td = config.model.teacher_dim
     if td and td != self.teacher.dim:
       raise ValueError(f"model.teacher_dim={td} does not match the teacher's feature dim {self.teacher.dim} "
@@ -78,10 +48,26 @@ class TokenizerTask(Task):
     tm = self.teacher.module
     teacher = flops.vit_forward_flops(tm.image_size, tm.patch_size, tm.hidden_size, tm.num_layers,
                                       tm.intermediate_size / tm.hidden_size)
-    self.flops_per_example = 3 * (enc + dec) + teacher
+    # with teacher_cache_views the teacher runs once per cached view before training, not in the step
+    self.flops_per_example = 3 * (enc + dec) + (0 if config.teacher_cache_views else teacher)
 
   def train_transform(self):
     return transforms.TokenizerTrain(self.config.model.img_size)
+
+  def train_data(self):
+    """The training batches; with teacher_cache_views, the cached views with their teacher targets."""
+    c = self.config
+    n = c.teacher_cache_views
+    if not n:
+      return super().train_data()
+    tm = self.teacher.module
+    fingerprint = dict(teacher=self.teacher.source, teacher_px=tm.image_size, teacher_patch=tm.patch_size,
+                       teacher_dtype=c.teacher_dtype, views=n, seed=c.seed, data=c.data.name,
+                       split=c.data.train_split, img_size=c.model.img_size, grid=self.grid)
+    views = teacher_cache.load_or_build(self.workdir, fingerprint, self.train_source, self.train_transform(),
+                                        self.teacher, self.teacher.params, self.grid, n, c.seed)
+    return pipeline.train_dataset(views, teacher_cache.AsStored(), c.batch_size, c.seed,
+                                  num_workers=c.data.num_workers, read_threads=c.data.read_threads)
 
   def init_state(self, rng):
     k_init, k_code, k_state = jax.random.split(rng, 3)
@@ -113,7 +99,10 @@ class TokenizerTask(Task):
     rng = jax.random.fold_in(state.rng, state.step)
     k_kmeans, k_drop, k_restart = jax.random.split(rng, 3)
     images = transforms.to_unit(batch["image"])
-    target = self.teacher.apply(teacher_params, images, self.grid)
+    if "teacher_target" in batch:  # teacher_cache_views: computed once for this view
+      target = batch["teacher_target"].astype(jnp.float32)
+    else:
+      target = self.teacher.apply(teacher_params, images, self.grid)
 
     def loss_fn(params):
       z = self.model.apply({"params": params}, images, method=VQKD.encode)
