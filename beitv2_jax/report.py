@@ -43,6 +43,59 @@ def encode_split(tok: api.Model, data: str, split: str, batch: int = 128, max_im
           source.num_classes)
 
 
+def teacher_features(teacher, data: str, split: str, img_size: int, grid: int, batch: int = 100):
+  """(L2-normalised mean-pooled patch features, labels, num_classes) of a split's centre crops at img_size,
+  seen by the teacher as a tokenizer with a grid x grid token grid would show them (Teacher.apply)."""
+  import jax
+  import jax.numpy as jnp
+  fn = jax.jit(lambda p, x: teacher.apply(p, transforms.to_unit(x), grid).mean(axis=1))
+  source = sources.make_source(data, split)
+  feats, labels = [], []
+  for b in pipeline.eval_batches(source, transforms.EvalTransform(img_size), batch):
+    keep = b["valid"].astype(bool)
+    f = np.asarray(fn(teacher.params, jnp.asarray(b["image"])))[keep]
+    feats.append(f / np.maximum(np.linalg.norm(f, axis=-1, keepdims=True), 1e-12))
+    labels.append(b["label"][keep])
+  return np.concatenate(feats), np.concatenate(labels), source.num_classes
+
+
+def linear_probe_top1(train_x, train_y, eval_x, eval_y, num_classes: int, steps: int = 500, lr: float = 0.01,
+                      weight_decay: float = 1e-4) -> float:
+  """Top-1 of a softmax regression on frozen features (standardised with the train split's statistics;
+  full batch, AdamW): the linear-probe reference for features that are not an encoder of ours."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+  x, y = jnp.asarray((train_x - mu) / sd), jnp.asarray(train_y)
+  params = {"w": jnp.zeros((x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
+  opt = optax.adamw(lr, weight_decay=weight_decay)
+
+  def loss(p):
+    return optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y).mean()
+
+  def step(carry, _):
+    p, s = carry
+    updates, s = opt.update(jax.grad(loss)(p), s, p)
+    return (optax.apply_updates(p, updates), s), None
+
+  (params, _), _ = jax.jit(lambda p: jax.lax.scan(step, (p, opt.init(p)), None, length=steps))(params)
+  pred = np.asarray(jnp.argmax(jnp.asarray((eval_x - mu) / sd) @ params["w"] + params["b"], -1))
+  return float(np.mean(pred == eval_y))
+
+
+def teacher_reference(teacher, data: str, img_size: int, grid: int, train_split: str = "train",
+                      eval_split: str = "val") -> dict:
+  """What a teacher's own features give on labelled data: the weighted k-NN (k 20, T 0.07, cosine) and a
+  linear probe (linear_probe_top1) on its mean-pooled patch features, train -> eval."""
+  from beitv2_jax.train.knn import knn_classify
+  tr, trl, n = teacher_features(teacher, data, train_split, img_size, grid)
+  ev, evl, _ = teacher_features(teacher, data, eval_split, img_size, grid)
+  return dict(teacher=teacher.source, data=data, grid=grid, teacher_px=teacher.module.image_size,
+              train=len(tr), eval=len(ev), knn_top1=float(np.mean(knn_classify(tr, trl, ev, n) == evl)),
+              linear_top1=linear_probe_top1(tr, trl, ev, evl, n))
+
+
 def code_statistics(ids: np.ndarray, codebook_size: int) -> dict:
   counts = np.bincount(ids.ravel(), minlength=codebook_size)
   p = counts / counts.sum()
@@ -122,6 +175,27 @@ def markdown(r: dict, title: str = "") -> str:
           + "".join(f"| {a} | {b} |\n" for a, b in rows))
 
 
+def code_colours(ids: np.ndarray, codebook_size: int):
+  """(colour index of each code, colormap): the 19 most frequent codes keep one colour each across all
+  images (grey: any other code), so a code that lands on the same kind of part in different images shows
+  as the same colour there."""
+  import matplotlib.pyplot as plt
+  from matplotlib.colors import ListedColormap
+  counts = np.bincount(ids.ravel(), minlength=codebook_size)
+  top = np.argsort(counts)[::-1][:19]
+  colour_of = np.full(codebook_size, 19)
+  colour_of[top] = np.arange(len(top))
+  return colour_of, ListedColormap(list(plt.get_cmap("tab20").colors[:19]) + [(0.82, 0.82, 0.82)])
+
+
+def draw_token_map(ax, grid_ids: np.ndarray, colour_of: np.ndarray, cmap):
+  """One image's code grid: each cell in its code's colour (code_colours), the code id written on it."""
+  ax.imshow(colour_of[grid_ids], cmap=cmap, vmin=0, vmax=19)
+  for (r, c), v in np.ndenumerate(grid_ids):
+    ax.text(c, r, str(v), ha="center", va="center", fontsize=4)
+  ax.axis("off")
+
+
 def pictures(images, ids, codebook_size: int, grid: int, out: str, title: str = "", n_show: int = 8):
   import matplotlib
   matplotlib.use("Agg")
@@ -135,22 +209,13 @@ def pictures(images, ids, codebook_size: int, grid: int, out: str, title: str = 
   fig.savefig(os.path.join(out, "codebook_usage.png"), dpi=90)
   plt.close(fig)
 
-  # The 19 most frequent codes keep one colour each across all images (grey: any other code), so a code
-  # that lands on the same kind of part in different images shows as the same colour there.
-  top = np.argsort(counts)[::-1][:19]
-  colour_of = np.full(codebook_size, 19)
-  colour_of[top] = np.arange(len(top))
+  colour_of, cmap = code_colours(ids, codebook_size)
   picks = np.linspace(0, len(images) - 1, min(n_show, len(images))).astype(int)
-  from matplotlib.colors import ListedColormap
-  cmap = ListedColormap(list(plt.get_cmap("tab20").colors[:19]) + [(0.82, 0.82, 0.82)])
   fig, ax = plt.subplots(2, len(picks), figsize=(1.6 * len(picks), 3.4), squeeze=False)
   for j, i in enumerate(picks):
     g = ids[i].reshape(grid, grid)
     ax[0, j].imshow(images[i]); ax[0, j].axis("off")
-    ax[1, j].imshow(colour_of[g], cmap=cmap, vmin=0, vmax=19)
-    for (r, c), v in np.ndenumerate(g):
-      ax[1, j].text(c, r, str(v), ha="center", va="center", fontsize=4)
-    ax[1, j].axis("off")
+    draw_token_map(ax[1, j], g, colour_of, cmap)
   fig.suptitle(f"{title + ': ' if title else ''}token maps (the 19 most frequent codes in fixed colours, "
                "others grey)", fontsize=9)
   fig.tight_layout()

