@@ -90,3 +90,26 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path):
   a, b = params_of(wd), params_of(ref)
   assert int(a["step"]) == int(b["step"]) == last + 3
   assert_trees_equal(a, b)
+
+
+def test_data_wait_is_logged_and_shows_a_slow_input(tmp_path, monkeypatch, capsys):
+  """metrics.jsonl and the progress line carry the time the step waited for its batch: ~0 while the input
+  keeps up; with an input that takes 0.3 s a batch, at least that per step."""
+  from beitv2_jax.data import pipeline
+  fast = str(tmp_path / "fast")
+  entry.run(tokenizer_config(steps=4, log_every_steps=2), fast)
+  rows = [m for m in read_metrics(fast) if "loss" in m]
+  assert all(0.0 <= m["data_wait_frac"] <= 1.0 for m in rows) and rows[-1]["data_wait_s"] < 0.3, rows
+  assert "data wait " in capsys.readouterr().out
+
+  pull = pipeline.DevicePrefetch.__next__
+
+  def slow_next(self):
+    time.sleep(0.3)
+    return pull(self)
+
+  monkeypatch.setattr(pipeline.DevicePrefetch, "__next__", slow_next)
+  slow = str(tmp_path / "slow")
+  entry.run(tokenizer_config(steps=4, log_every_steps=2), slow)
+  rows = [m for m in read_metrics(slow) if "loss" in m]
+  assert all(m["data_wait_s"] >= 0.3 and m["data_wait_frac"] > 0.1 for m in rows), rows

@@ -246,6 +246,10 @@ def _run(task: Task) -> tuple[TrainState, dict]:
   last_metrics: dict = {}
   pending: list = []
   t_last, steps_since = time.perf_counter(), 0
+  # Time blocked in next(data_iter) this interval. Steps are dispatched asynchronously, so while the input
+  # keeps up this is ~0 (the batch is ready while the device still runs the previous step); when it is a
+  # large fraction of the interval, the input pipeline is the bottleneck.
+  data_wait = 0.0
   bad_images = int(meta.get("bad_images", 0))
   # NaN guard. A step's loss and gradient norm are those of its input state, so a checkpoint of step s is
   # trusted only once step s + 1 came out finite; until then it is `unconfirmed`, and if step s + 1 is not
@@ -268,7 +272,9 @@ def _run(task: Task) -> tuple[TrainState, dict]:
   step = start
   try:
     for step in range(start + 1, total + 1):
+      t_wait = time.perf_counter()
       batch, bad = next(data_iter)
+      data_wait += time.perf_counter() - t_wait
       bad_images += bad
       state, metrics = (first_fn if first_fn is not None and step == start + 1 else step_fn)(state, batch, frozen)
       pending.append(metrics)
@@ -291,7 +297,8 @@ def _run(task: Task) -> tuple[TrainState, dict]:
         m.update({k: float(fetched[-1][k]) for k in fetched[-1] if k.startswith(("codebook_", "perplexity"))})
         img_s = steps_since * config.batch_size / dt
         m.update(img_per_sec=img_s, img_per_sec_per_device=img_s / jax.device_count(),
-                 step_time_s=dt / steps_since, bad_images=bad_images, epoch=step / task.steps_per_epoch)
+                 step_time_s=dt / steps_since, data_wait_s=data_wait / steps_since,
+                 data_wait_frac=min(data_wait / dt, 1.0), bad_images=bad_images, epoch=step / task.steps_per_epoch)
         if peak and task.flops_per_example:
           m["mfu"] = task.flops_per_example * img_s / (peak * jax.device_count())
         writer.write(step, m)
@@ -300,9 +307,9 @@ def _run(task: Task) -> tuple[TrainState, dict]:
           eta = (total - step) * dt / steps_since
           shown = " | ".join(f"{k} {m[k]:.4g}" for k in ("loss", "lr", "grad_norm", "codebook_usage",
                                                           "mlm_acc_1", "mfu") if k in m)
-          print(f"[{task.name}] step {step}/{total} | {shown} | {img_s:.1f} img/s | ETA {_fmt_eta(eta)}",
-                flush=True)
-        t_last, steps_since = time.perf_counter(), 0
+          print(f"[{task.name}] step {step}/{total} | {shown} | {img_s:.1f} img/s | "
+                f"data wait {m['data_wait_frac']:.0%} | ETA {_fmt_eta(eta)}", flush=True)
+        t_last, steps_since, data_wait = time.perf_counter(), 0, 0.0
 
       # ---- Evaluate -------------------------------------------------------------------------------
       if eval_every and (step % eval_every == 0) and step != total:
@@ -310,7 +317,7 @@ def _run(task: Task) -> tuple[TrainState, dict]:
         if ev:
           writer.write(step, ev)
           last_metrics.update(ev)
-        t_last = time.perf_counter()
+        t_last, data_wait = time.perf_counter(), 0.0
 
       # ---- Checkpoint / preemption ----------------------------------------------------------------
       if is_ckpt:
