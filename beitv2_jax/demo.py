@@ -62,6 +62,8 @@ def run(config, workdir: str) -> dict:
   main = jax.process_index() == 0
   probe_data = config.linprobe.data
   results: dict = {"sides": []}
+  crops = centre_crops(config) if main else None  # the photos every picture shows
+  codes = {}  # side -> its tokenizer's codes of `crops`
 
   def probes(name: str, init: str) -> dict:
     lp = with_updates(config.linprobe, {"init_from": init})
@@ -82,12 +84,12 @@ def run(config, workdir: str) -> dict:
       r["report"] = report.report(tok_dir, probe_data.name, os.path.join(d, "tokenizer_report"),
                                   train_split=probe_data.train_split, eval_split=probe_data.eval_split)
       r["teacher"] = teacher_reference(config, tok_config, os.path.join(d, "teacher_reference.json"))
-      side_pictures(config, d, tok_dir, pt_dir)
+      codes[side] = side_pictures(config, d, tok_dir, pt_dir, crops)
     results["sides"].append(r)
   results["random_init"] = probes("random_init", "")
 
   if main:
-    comparison_pictures(config, workdir, results["sides"])
+    comparison_pictures(config, workdir, [r["side"] for r in results["sides"]], crops, codes)
     table = results_table(results, config)
     with open(os.path.join(workdir, "results.md"), "w") as f:
       f.write(table + "\n")
@@ -188,16 +190,15 @@ def encode(tok, images: np.ndarray) -> np.ndarray:
                          for i in range(0, len(images), 128)])
 
 
-def side_pictures(config, d: str, tok_dir: str, pt_dir: str):
+def side_pictures(config, d: str, tok_dir: str, pt_dir: str, all_imgs: np.ndarray) -> np.ndarray:
   """The side's codebook usage and token maps (the tokenizer report's pictures over the photos' centre
-  crops) and its masked prediction."""
+  crops `all_imgs`) and its masked prediction; returns the tokenizer's codes of `all_imgs`."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   tok, mim = api.load(tok_dir), api.load(pt_dir)
   grid, ps = tok.grid, config.pretrain.model.patch_size
-  all_imgs = centre_crops(config)
   all_ids = encode(tok, all_imgs)
   report.pictures(all_imgs, all_ids, tok.codebook.shape[0], grid, d, n_show=N_SHOW)
   picks = np.linspace(0, len(all_imgs) - 1, N_SHOW).astype(int)  # the same picks as report.pictures'
@@ -229,18 +230,19 @@ def side_pictures(config, d: str, tok_dir: str, pt_dir: str):
   fig.tight_layout()
   fig.savefig(os.path.join(d, "masked_prediction.png"), dpi=110)
   plt.close(fig)
+  return all_ids
 
 
-def comparison_pictures(config, workdir: str, sides_: list):
-  """training_curves.png (every side's curves on the same axes) and token_maps.png (the same photos coded
-  by each side's tokenizer)."""
+def comparison_pictures(config, workdir: str, sides_: list[str], images: np.ndarray, codes: dict):
+  """training_curves.png (every side's curves on the same axes) and token_maps.png (the photos `images`
+  coded by each side's tokenizer: `codes[side]`, from side_pictures)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(1, 3, figsize=(13, 3.2))
-  for k, r in enumerate(sides_):
-    s, c = r["side"], f"C{k}"  # one colour per side; the aggregation head dashed
+  for k, s in enumerate(sides_):
+    c = f"C{k}"  # one colour per side; the aggregation head dashed
     tm = [m for m in read_metrics(os.path.join(workdir, s, "tokenizer")) if "rec_loss" in m]
     pm = [m for m in read_metrics(os.path.join(workdir, s, "pretrain")) if "mlm_acc_1" in m]
     ax[0].plot([m["step"] for m in tm], [m["rec_loss"] for m in tm], c, label=f"{s} teacher")
@@ -256,18 +258,18 @@ def comparison_pictures(config, workdir: str, sides_: list):
   fig.savefig(os.path.join(workdir, "training_curves.png"), dpi=90)
   plt.close(fig)
 
-  images = centre_crops(config)
+  tm = config.tokenizer.model
+  grid = tm.img_size // tm.patch_size
   picks = np.linspace(0, len(images) - 1, N_SHOW).astype(int)
   fig, ax = plt.subplots(1 + len(sides_), N_SHOW, figsize=(1.6 * N_SHOW, 1.7 * (1 + len(sides_))), squeeze=False)
   for j, i in enumerate(picks):
     ax[0, j].imshow(images[i]); ax[0, j].axis("off")
-  for k, r in enumerate(sides_):
-    tok = api.load(os.path.join(workdir, r["side"], "tokenizer"))
-    ids = encode(tok, images)
-    colour_of, cmap = report.code_colours(ids, tok.codebook.shape[0])
+  for k, side in enumerate(sides_):
+    ids = codes[side]
+    colour_of, cmap = report.code_colours(ids, tm.codebook_size)
     for j, i in enumerate(picks):
-      report.draw_token_map(ax[1 + k, j], ids[i].reshape(tok.grid, tok.grid), colour_of, cmap)
-    ax[1 + k, 0].set_title(f"{r['side']} teacher", fontsize=8, loc="left")
+      report.draw_token_map(ax[1 + k, j], ids[i].reshape(grid, grid), colour_of, cmap)
+    ax[1 + k, 0].set_title(f"{side} teacher", fontsize=8, loc="left")
   fig.suptitle("token maps of the same photos (per tokenizer: its 19 most frequent codes in fixed colours, "
                "others grey)", fontsize=9)
   fig.tight_layout()

@@ -319,8 +319,8 @@ def build_teacher(config) -> Teacher:
   if config.teacher == "random":
     r = config.random_teacher
     patch = r.patch_size or m.patch_size
-    t = random_teacher(grid * patch, patch, r.width, r.depth, r.heads, r.dim, seed=r.seed,
-                                   dtype=dtype, kind=r.kind)
+    t = random_teacher(grid * patch, patch, r.width, r.depth, r.heads, r.dim, seed=r.seed, dtype=dtype,
+                       kind=r.kind)
     logging.warning("teacher: %s -- its features carry no meaning; use a real CLIP for real tokenizers", t.source)
   else:
     t = load_teacher(config.teacher, dtype=dtype, grid=grid)
