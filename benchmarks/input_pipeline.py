@@ -1,18 +1,22 @@
 """Input-pipeline throughput: images/s per worker process for each task's transform on ImageNet-sized
 JPEGs (made from the photos that ship in scikit-image), side by side with the official recipe's
-torchvision transforms on the same files when torchvision is installed; then the whole grain pipeline
-(decode + transform + batch) with N worker processes.
+torchvision transforms on the same files when torchvision is installed; where the host time goes, per op
+(`--profile`); then the whole grain pipeline (decode + transform + batch + worker transport) with N worker
+processes.
 
-  python benchmarks/input_pipeline.py [--images 200] [--workers 0,2] [--seconds 5]
+  python benchmarks/input_pipeline.py [--images 200] [--workers 0,1,2] [--seconds 5] [--profile]
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import io
 import os
 import sys
 import tempfile
 import time
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -96,16 +100,109 @@ def _tolerant(t, im):
     return None
 
 
-def per_process_rate(fn, files: list[str], seconds: float) -> float:
-  """Decode + transform, one process, images/s."""
+def decode_ours(data: bytes) -> Image.Image:
+  return sources.decode_pil({"image_bytes": data})[0]
+
+
+def decode_official(data: bytes) -> Image.Image:
+  """torchvision's pil_loader."""
+  return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def per_process_rate(fn, files: list[str], seconds: float, decode=decode_ours) -> float:
+  """Read + decode + transform, one process, images/s."""
+  return side_by_side([(fn, decode)], files, seconds)[0]
+
+
+def side_by_side(sides, files: list[str], seconds: float, rounds: int = 8) -> list[float]:
+  """images/s of each (transform, decode) side, measured in alternating short rounds so that a shared
+  machine's slow spells hit every side alike."""
+  rngs = [np.random.default_rng(0) for _ in sides]
+  counts, spent, i = [0] * len(sides), [0.0] * len(sides), 0
+  for _ in range(rounds):
+    for k, (fn, decode) in enumerate(sides):
+      t0 = time.perf_counter()
+      while time.perf_counter() - t0 < seconds / rounds:
+        with open(files[i % len(files)], "rb") as f:
+          fn(decode(f.read()), rngs[k])
+        counts[k], i = counts[k] + 1, i + 1
+      spent[k] += time.perf_counter() - t0
+  return [c / t for c, t in zip(counts, spent)]
+
+
+class OpTimer:
+  """Host time per op while the real transform runs: the named functions are wrapped, and each op's time
+  excludes the wrapped ops it calls (the jitter's own crop counts as crop)."""
+
+  def __init__(self):
+    self.seconds, self._stack = collections.defaultdict(float), []
+
+  def wrap(self, name, fn):
+    def timed(*args, **kwargs):
+      t0 = time.perf_counter()
+      self._stack.append(0.0)
+      try:
+        return fn(*args, **kwargs)
+      finally:
+        inner, dt = self._stack.pop(), time.perf_counter() - t0
+        self.seconds[name] += dt - inner
+        if self._stack:
+          self._stack[-1] += dt
+    return timed
+
+  @contextlib.contextmanager
+  def patched(self, targets):
+    with contextlib.ExitStack() as stack:
+      for owner, attr, name in targets:
+        stack.enter_context(mock.patch.object(owner, attr, self.wrap(name, getattr(owner, attr))))
+      yield
+
+
+def op_targets() -> list:
+  """(object, attribute, op name) for every op the transforms of both sides spend time in."""
+  targets = [(transforms, "color_jitter_crop", "colour jitter"), (transforms, "color_jitter", "colour jitter"),
+             (Image.Image, "crop", "crop"), (Image.Image, "resize", "resize"), (Image.Image, "transpose", "flip"),
+             (transforms, "rand_augment", "RandAugment"), (transforms, "random_erasing_mask", "erasing"),
+             (masking.MaskingGenerator, "__call__", "block mask"), (transforms, "as_uint8", "to array")]
+  try:
+    import torchvision.transforms.functional as F
+    from timm.data import auto_augment, random_erasing
+    targets += [(F, "adjust_brightness", "colour jitter"), (F, "adjust_contrast", "colour jitter"),
+                (F, "adjust_saturation", "colour jitter"), (F, "to_tensor", "to array"),
+                (F, "normalize", "normalise"), (auto_augment.RandAugment, "__call__", "RandAugment"),
+                (random_erasing.RandomErasing, "__call__", "erasing")]
+  except Exception:
+    pass
+  return targets
+
+
+def profile(fn, files: list[str], n: int, decode) -> dict:
+  """ms per image in each op (decode, the transform's ops, the rest) over n images."""
+  timer, rng = OpTimer(), np.random.default_rng(0)
+  timed_decode = timer.wrap("decode", decode)
+  t0 = time.perf_counter()
+  with timer.patched(op_targets()):
+    for i in range(n):
+      with open(files[i % len(files)], "rb") as f:
+        fn(timed_decode(f.read()), rng)
+  total = time.perf_counter() - t0
+  ms = {k: 1e3 * v / n for k, v in timer.seconds.items()}
+  ms["other"] = 1e3 * total / n - sum(ms.values())
+  ms["total"] = 1e3 * total / n
+  return ms
+
+
+def batch_cost_ms(transform, files: list[str], batch: int = 64) -> float:
+  """Stacking one batch of examples into arrays (grain's batch), ms per image."""
   rng = np.random.default_rng(0)
-  n, t0, i = 0, time.perf_counter(), 0
-  while time.perf_counter() - t0 < seconds:
+  examples = []
+  for i in range(batch):
     with open(files[i % len(files)], "rb") as f:
-      im = Image.open(io.BytesIO(f.read())).convert("RGB")
-    fn(im, rng)
-    n, i = n + 1, i + 1
-  return n / (time.perf_counter() - t0)
+      examples.append(transform(decode_ours(f.read()), rng))
+  t0, reps = time.perf_counter(), 20
+  for _ in range(reps):
+    {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  return 1e3 * (time.perf_counter() - t0) / reps / batch
 
 
 def grain_rate(folder: str, transform, workers: int, seconds: float, batch: int = 64) -> float:
@@ -126,23 +223,43 @@ def main():
   ap.add_argument("--images", type=int, default=200)
   ap.add_argument("--size", type=int, default=224)
   ap.add_argument("--seconds", type=float, default=4.0)
-  ap.add_argument("--workers", default="0,2")
+  ap.add_argument("--workers", default="0,1,2")
+  ap.add_argument("--profile", action="store_true", help="also the per-op table (ms per image)")
   a = ap.parse_args()
   folder = tempfile.mkdtemp()
   files = make_jpegs(folder, a.images)
   print(f"{len(files)} JPEGs of 500x375 in {folder}; {os.cpu_count()} CPUs", flush=True)
-  print("| transform | ours (img/s/process) | official torchvision/timm (img/s/process) |")
-  print("|---|---|---|")
+  print("| transform | ours (img/s/process) | official torchvision/timm (img/s/process) | ours / official |")
+  print("|---|---|---|---|")
   theirs = official(a.size)
   for name, fn in ours(a.size).items():
-    r = per_process_rate(fn, files, a.seconds)
     t = theirs.get(name)
-    tr = per_process_rate(lambda im, rng: _tolerant(t, im), files, a.seconds) if t is not None else None
-    print(f"| {name} | {r:.0f} | {f'{tr:.0f}' if tr else 'n/a'} |", flush=True)
+    if t is None:
+      r, tr = per_process_rate(fn, files, a.seconds), None
+    else:
+      r, tr = side_by_side([(fn, decode_ours), (lambda im, rng, t=t: _tolerant(t, im), decode_official)],
+                           files, 2 * a.seconds)
+    print(f"| {name} | {r:.0f} | {f'{tr:.0f}' if tr else 'n/a'} | {f'{r / tr:.2f}x' if tr else ''} |", flush=True)
+  if a.profile:
+    print_profile(a, files, theirs)
   mim = ours(a.size)["pretrain (MIM, 2 views + mask)"]
+  print(f"stacking a batch of 64 MIM examples: {batch_cost_ms(mim, files):.3f} ms per image")
   for w in [int(x) for x in a.workers.split(",")]:
     print(f"grain pipeline, MIM transform, {w} worker processes: {grain_rate(folder, mim, w, a.seconds):.0f} img/s",
           flush=True)
+
+
+def print_profile(a, files, theirs):
+  n = max(50, int(a.seconds * 60))
+  for name, fn in ours(a.size).items():
+    mine = profile(fn, files, n, decode_ours)
+    t = theirs.get(name)
+    ref = profile(lambda im, rng: _tolerant(t, im), files, n, decode_official) if t is not None else {}
+    print(f"\n{name}, ms per image ({n} images)\n| op | ours | official |\n|---|---|---|")
+    ops = sorted(set(mine) | set(ref), key=lambda k: (k in ("other", "total"), k == "total", -ref.get(k, mine.get(k))))
+    for op in ops:
+      print(f"| {op} | {mine.get(op, 0):.2f} | {f'{ref[op]:.2f}' if op in ref else 'n/a'} |")
+  print(flush=True)
 
 
 if __name__ == "__main__":

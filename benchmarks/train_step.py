@@ -72,7 +72,6 @@ def synthetic_batch(task_obj, task: str, batch: int) -> dict:
   b = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
        "label": rng.integers(0, 1000, (batch,), dtype=np.int32)}
   if task == "pretrain":
-    b["tokenizer_image"] = b["image"].copy()
     b["mask"] = np.stack([task_obj.mask_generator(np.random.default_rng(i)).reshape(-1).astype(bool)
                           for i in range(batch)])
   if task == "finetune":

@@ -25,7 +25,7 @@ from timm.data.random_erasing import RandomErasing, _get_pixels
 from torchvision import transforms as tvt
 from torchvision.transforms import functional as tvf
 
-from beitv2_jax.data import transforms
+from beitv2_jax.data import masking, transforms
 from beitv2_jax.train import finetune
 
 P_MIN = 1e-3
@@ -260,6 +260,61 @@ def test_color_jitter_order_and_factor_distribution(monkeypatch):
   for k, what in enumerate(("brightness", "contrast", "saturation")):
     assert 0.6 <= min(ours_factors[k]) and max(ours_factors[k]) <= 1.4
     _same_distribution(ours_factors[k], ref_factors[k], f"{what} factor")
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole MIM and tokenizer transforms against the official order of torchvision ops
+# ------------------------------------------------------------------------------------------------
+def _official_mim_view(im, rng, size):
+  """DataAugmentationForBEiT, written as the official code runs it, with torchvision's functional ops on our
+  draws: ColorJitter on the WHOLE image, flip, the RandomResizedCrop box (scale 0.2-1) cut from the flipped
+  image, crop-then-resize bicubic."""
+  tv_ops = (tvf.adjust_brightness, tvf.adjust_contrast, tvf.adjust_saturation)
+  draws = transforms.jitter_draws(rng)
+  for op, factor in draws:
+    im = tv_ops[op](im, factor)
+  flip = rng.random() < 0.5
+  if flip:
+    im = tvf.hflip(im)
+  left, top, w, h = transforms.random_resized_crop_box(rng, *im.size, scale=(0.2, 1.0))
+  view = tvf.resized_crop(im, top, left, h, w, [size, size], tvf.InterpolationMode.BICUBIC)
+  return np.asarray(view), tuple(op for op, _ in draws), flip
+
+
+def test_mim_transform_matches_the_official_order_pixel_for_pixel(photo):
+  """MIMTrain jitters only the crop (with the whole image's mean grey for contrast, lookup tables for brightness
+  and contrast) and flips the crop: the same pixels as jitter-whole-image, flip, crop, resize, for every jitter
+  order (the saturation-before-contrast orders take the full-image path), both flips, many boxes; and the same
+  rng draws, so the mask after them is the same too."""
+  im = photo.resize((200, 150), Image.BICUBIC)
+  mg = masking.MaskingGenerator((4, 4), 6, 2)
+  t = transforms.MIMTrain(64, mg)
+  seen = set()
+  for seed in range(72):
+    ex = t(im, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    ref, order, flip = _official_mim_view(im, rng, 64)
+    np.testing.assert_array_equal(ex["image"], ref, err_msg=f"seed {seed}, order {order}, flip {flip}")
+    np.testing.assert_array_equal(ex["mask"], mg(rng).reshape(-1))
+    seen.add((order, flip))
+  assert len(seen) == 12  # every order with and without the flip
+
+
+def test_tokenizer_and_finetune_crops_match_torchvision_resized_crop(photo):
+  """RandomResizedCrop + flip: torchvision crops the box, then resizes it (the one-pass resize(box=) differs at
+  the crop's border); ours gives the same pixels."""
+  im = photo.resize((200, 150), Image.BICUBIC)
+  t = transforms.TokenizerTrain(48)
+  flips = 0
+  for seed in range(20):
+    ours = t(im, np.random.default_rng(seed))["image"]
+    rng = np.random.default_rng(seed)
+    left, top, w, h = transforms.random_resized_crop_box(rng, *im.size, scale=(0.08, 1.0))
+    ref = tvf.resized_crop(im, top, left, h, w, [48, 48], tvf.InterpolationMode.BICUBIC)
+    flip = rng.random() < 0.5
+    flips += flip
+    np.testing.assert_array_equal(ours, np.asarray(tvf.hflip(ref) if flip else ref), err_msg=f"seed {seed}")
+  assert 0 < flips < 20
 
 
 # ------------------------------------------------------------------------------------------------

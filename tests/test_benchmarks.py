@@ -200,7 +200,7 @@ def test_torch_mim_peer_computes_our_loss_and_gradients_on_the_same_weights(tmp_
     assert all(k.endswith(("relative_position_index", "k_bias")) for k in missing), missing
 
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
-  tb = {"image": nchw(batch["image"]), "tokenizer_image": nchw(batch["tokenizer_image"]),
+  tb = {"image": nchw(batch["image"]), "tokenizer_image": nchw(batch.get("tokenizer_image", batch["image"])),
         "mask": torch.from_numpy(batch["mask"])}
   t_loss, _, _, t_labels = torch_mim.losses(student, tokenizer, tb, task.num_masked)
   assert np.array_equal(t_labels.numpy(), np.asarray(labels))

@@ -106,7 +106,7 @@ def test_official_init_of_the_aggregation_blocks():
 def _direct_loss(task, params, batch, frozen):
   """The loss written out with numpy from the pieces: tokenizer ids, masked gather, two CE terms."""
   from beitv2_jax.models.vqkd import VQKD
-  images01 = np.asarray(batch["tokenizer_image"], np.float32) / 255.0
+  images01 = np.asarray(batch.get("tokenizer_image", batch["image"]), np.float32) / 255.0
   z = np.asarray(task.tokenizer.module.apply({"params": frozen["params"]}, jnp.asarray(images01), method=VQKD.encode))
   ids = np.argmax(z @ np.asarray(frozen["codebook"]).T, -1)
   mask = np.asarray(batch["mask"])

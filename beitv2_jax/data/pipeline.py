@@ -16,9 +16,8 @@ from typing import Callable, Iterator, Optional
 import grain
 import jax
 import numpy as np
-from PIL import Image
 
-from beitv2_jax.data.sources import decode_image
+from beitv2_jax.data.sources import decode_pil
 
 _reported_bad: set = set()
 
@@ -35,8 +34,8 @@ class ExampleFn:
     bad = 0
     index = int(record.get("index", 0))
     for attempt in range(self.max_replacements + 1):
-      image, ok = decode_image(record)
-      if ok and image.size and min(image.shape[:2]) > 0:
+      image, ok = decode_pil(record)
+      if ok:
         break
       bad = 1
       path = record.get("path", f"{getattr(self.source, 'name', 'source')}[{index}]")
@@ -46,7 +45,7 @@ class ExampleFn:
       record = self.source[(index + attempt + 1) % len(self.source)]
     else:
       raise RuntimeError(f"{self.max_replacements} consecutive unreadable images after index {index}")
-    example = self.transform(Image.fromarray(image), rng)
+    example = self.transform(image, rng)
     for field in getattr(self.transform, "record_fields", ()):  # what the record carries beside the image
       example[field] = record[field]
     example["label"] = np.int32(record["label"])

@@ -215,16 +215,25 @@ def make_source(name: str, split: str):
 
 def decode_image(record: dict) -> tuple[np.ndarray, bool]:
   """Returns (uint8 HWC RGB image, ok). A corrupt or unreadable file gives ok=False."""
-  if "image" in record:
-    im = np.asarray(record["image"])
-    if im.ndim == 2:
-      im = np.repeat(im[..., None], 3, axis=-1)
-    elif im.shape[-1] == 1:
-      im = np.repeat(im, 3, axis=-1)
-    return im, True
+  im, ok = decode_pil(record)
+  return np.asarray(im), ok
+
+
+def decode_pil(record: dict):
+  """Returns (RGB PIL image, ok), what the transforms take: a JPEG decodes straight into it (no numpy round
+  trip). A corrupt or unreadable file, or an empty image, gives ok=False."""
   from PIL import Image
+  if "image" in record:
+    pixels = np.asarray(record["image"])
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+      pixels = pixels[..., 0]
+    if pixels.size == 0:
+      return Image.new("RGB", (1, 1)), False
+    im = Image.fromarray(pixels)
+    return (im if im.mode == "RGB" else im.convert("RGB")), True
   try:
-    with Image.open(io.BytesIO(record["image_bytes"])) as im:
-      return np.asarray(im.convert("RGB")), True
+    im = Image.open(io.BytesIO(record["image_bytes"]))  # not `with`: closing would free the decoded pixels
+    im.load()
+    return (im if im.mode == "RGB" else im.convert("RGB")), min(im.size) > 0
   except Exception:
-    return np.zeros((1, 1, 3), np.uint8), False
+    return Image.new("RGB", (1, 1)), False

@@ -13,7 +13,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageOps, ImageStat
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,8 +59,14 @@ def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
 
 
 def crop_resize(im: Image.Image, box, size: int, interpolation: str = "bicubic") -> Image.Image:
+  """torchvision `resized_crop`: crop the box, then resize the crop (pixel-equal to it, tested; a one-pass
+  `resize(box=...)` would let the filter read pixels outside the box)."""
+  return crop(im, box).resize((size, size), INTERP[interpolation])
+
+
+def crop(im: Image.Image, box) -> Image.Image:
   left, top, w, h = box
-  return im.resize((size, size), INTERP[interpolation], box=(left, top, left + w, top + h))
+  return im.crop((left, top, left + w, top + h))
 
 
 def resize_center_crop(im: Image.Image, size: int, crop_pct: float = 0.875,
@@ -77,16 +83,67 @@ def resize_center_crop(im: Image.Image, size: int, crop_pct: float = 0.875,
   return im.crop((left, top, left + size, top + size))
 
 
+BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
+
+
+def jitter_draws(rng: np.random.Generator, brightness=0.4, contrast=0.4, saturation=0.4) -> list[tuple[int, float]]:
+  """torchvision ColorJitter(b, c, s).get_params: the ops in a random order, each with a factor U[1-x, 1+x];
+  [(BRIGHTNESS | CONTRAST | SATURATION, factor), ...] in the order they run."""
+  strengths = (brightness, contrast, saturation)
+  return [(int(i), rng.uniform(max(0.0, 1 - strengths[i]), 1 + strengths[i]))
+          for i in rng.permutation(3) if strengths[i] > 0]
+
+
+def _enhancer(op: int):
+  return (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[op]
+
+
 def color_jitter(im: Image.Image, rng: np.random.Generator, brightness=0.4, contrast=0.4,
                  saturation=0.4) -> Image.Image:
-  """torchvision ColorJitter(b, c, s): factors U[1-x, 1+x], applied in a random order."""
-  ops = [(ImageEnhance.Brightness, brightness), (ImageEnhance.Contrast, contrast),
-         (ImageEnhance.Color, saturation)]
-  for i in rng.permutation(len(ops)):
-    enhancer, strength = ops[i]
-    if strength > 0:
-      im = enhancer(im).enhance(rng.uniform(max(0.0, 1 - strength), 1 + strength))
+  """torchvision ColorJitter(b, c, s) on PIL images: ImageEnhance ops in a random order, on the whole image."""
+  for op, factor in jitter_draws(rng, brightness, contrast, saturation):
+    im = _enhancer(op)(im).enhance(factor)
   return im
+
+
+_RAMP = Image.frombytes("L", (256, 1), bytes(range(256)))
+
+
+def _blend_lut(level: int, factor: float) -> list[int]:
+  """What `Image.blend(flat image of `level`, im, factor)` does to each channel value 0..255, computed by PIL's
+  own blend (so exactly): ImageEnhance.Brightness is this with level 0, Contrast with the image's mean grey."""
+  return list(Image.blend(Image.new("L", (256, 1), level), _RAMP, factor).tobytes())
+
+
+def _mean_grey(im: Image.Image) -> int:
+  """ImageEnhance.Contrast's flat level: the rounded mean of the image's L channel."""
+  return int(ImageStat.Stat(im.convert("L")).mean[0] + 0.5)
+
+
+def color_jitter_crop(im: Image.Image, box, draws: list[tuple[int, float]]) -> Image.Image:
+  """`crop(color_jitter(im), box)` with the jitter `draws`, pixel for pixel (tested), doing most of the work on
+  the crop. Every op is a blend with a "degenerate" image: black (brightness) and the pixel's own grey
+  (saturation) are per pixel, so they commute with cropping; contrast blends with the WHOLE image's mean grey
+  at that point, which is the one statistic taken from the full image. Brightness and contrast act on each
+  channel value alone, so they run as lookup tables (composed when adjacent); the ops before contrast run on
+  the full image only when saturation is among them (its effect on the mean grey has no cheap exact form)."""
+  ops = list(draws)
+  at_contrast = next((k for k, (op, _) in enumerate(ops) if op == CONTRAST), len(ops))
+  if any(op == SATURATION for op, _ in ops[:at_contrast]):
+    for op, factor in ops[:at_contrast]:
+      im = ImageEnhance.Color(im).enhance(factor) if op == SATURATION else im.point(_blend_lut(0, factor) * 3)
+    ops = ops[at_contrast:]
+  out, lut = crop(im, box), None  # lut: the pending per-value map of the ops since the last saturation
+  for op, factor in ops:
+    if op == SATURATION:
+      if lut is not None:
+        out, lut = out.point(lut * 3), None
+      out = ImageEnhance.Color(out).enhance(factor)
+      continue
+    level = 0 if op == BRIGHTNESS else _mean_grey(im if lut is None else im.point(lut * 3))
+    step = _blend_lut(level, factor)
+    lut = step if lut is None else [step[v] for v in lut]
+  return out if lut is None else out.point(lut * 3)
 
 
 def maybe_flip(im: Image.Image, rng: np.random.Generator, p: float = 0.5) -> Image.Image:
@@ -214,9 +271,15 @@ class EvalTransform:
 
 
 class MIMTrain:
-  """DataAugmentationForBEiT (beit2/datasets.py): ColorJitter(0.4, 0.4, 0.4) on the full image, flip, ONE crop box
-  (scale min_crop_scale-1) resized twice: `image` (the ViT view, ImageNet-normalised on device) and
-  `tokenizer_image` (the tokenizer view, [0, 1]), plus the block-wise `mask`."""
+  """DataAugmentationForBEiT (beit2/datasets.py): ColorJitter(0.4, 0.4, 0.4), flip, ONE crop box (scale
+  min_crop_scale-1) resized twice: `image` (the ViT view, ImageNet-normalised on device) and `tokenizer_image`
+  (the tokenizer view, [0, 1]), plus the block-wise `mask`.
+
+  Pixel-equal to the official order (jitter the whole image, flip, crop, resize; tested against torchvision's
+  functional ops), but cheaper: the jitter runs on the crop (color_jitter_crop), the flip on the crop, and when
+  both views have the same size and interpolation (the official recipes) they are the same pixels, so the
+  example carries `image` only and the device makes both views from it (half the resizing and the transport).
+  """
 
   def __init__(self, size: int, mask_generator, min_crop_scale: float = 0.2, second_size: Optional[int] = None,
                interpolation: str = "bicubic", second_interpolation: str = "bicubic", color_jitter: float = 0.4):
@@ -224,14 +287,25 @@ class MIMTrain:
     self.mask_generator, self.scale = mask_generator, (min_crop_scale, 1.0)
     self.interp, self.interp2, self.jitter = interpolation, second_interpolation, color_jitter
 
+  @property
+  def one_view(self) -> bool:
+    """The two views are the same pixels (no `tokenizer_image` in the examples)."""
+    return (self.second_size, self.interp2) == (self.size, self.interp)
+
   def __call__(self, im: Image.Image, rng) -> dict:
-    if self.jitter > 0:
-      im = color_jitter(im, rng, self.jitter, self.jitter, self.jitter)
-    im = maybe_flip(im, rng)
-    box = random_resized_crop_box(rng, *im.size, scale=self.scale)
-    return {"image": as_uint8(crop_resize(im, box, self.size, self.interp)),
-            "tokenizer_image": as_uint8(crop_resize(im, box, self.second_size, self.interp2)),
-            "mask": self.mask_generator(rng).reshape(-1).astype(bool)}
+    draws = jitter_draws(rng, self.jitter, self.jitter, self.jitter) if self.jitter > 0 else []
+    flip = rng.random() < 0.5
+    left, top, w, h = random_resized_crop_box(rng, *im.size, scale=self.scale)
+    if flip:  # the box on the flipped image is this box, mirrored, on the unflipped one
+      left = im.size[0] - left - w
+    region = color_jitter_crop(im, (left, top, w, h), draws)
+    if flip:
+      region = region.transpose(Image.FLIP_LEFT_RIGHT)
+    example = {"image": as_uint8(region.resize((self.size, self.size), INTERP[self.interp]))}
+    if not self.one_view:
+      example["tokenizer_image"] = as_uint8(region.resize((self.second_size,) * 2, INTERP[self.interp2]))
+    example["mask"] = self.mask_generator(rng).reshape(-1).astype(bool)
+    return example
 
 
 class FinetuneTrain:

@@ -16,15 +16,24 @@ from beitv2_jax.models.vqkd import VQKD, vqkd_kwargs
 from beitv2_jax.train.loop import Task
 
 class MIMEval:
-  """Resize + centre crop for both views, and a block mask seeded by the example index."""
+  """Resize + centre crop for both views (one `image` when they are the same size, as in MIMTrain), and a block
+  mask seeded by the example index."""
 
   def __init__(self, size: int, second_size: int, mask_generator):
     self.view, self.view2, self.mask_generator = (transforms.EvalTransform(size), transforms.EvalTransform(second_size),
                                                   mask_generator)
 
   def __call__(self, im, rng):
-    return {"image": self.view(im, rng)["image"], "tokenizer_image": self.view2(im, rng)["image"],
-            "mask": self.mask_generator(rng).reshape(-1).astype(bool)}
+    example = {"image": self.view(im, rng)["image"]}
+    if self.view2.size != self.view.size:
+      example["tokenizer_image"] = self.view2(im, rng)["image"]
+    example["mask"] = self.mask_generator(rng).reshape(-1).astype(bool)
+    return example
+
+
+def tokenizer_view(batch: dict):
+  """The tokenizer's view: its own field when the two views differ, else the ViT's (transforms.MIMTrain)."""
+  return batch.get("tokenizer_image", batch["image"])
 
 
 def load_tokenizer(config) -> api.Model:
@@ -128,7 +137,7 @@ class PretrainTask(Task):
     return jax.lax.stop_gradient(quantizer.nearest_code(frozen["codebook"], z))
 
   def losses(self, params, batch, frozen, train, rng=None):
-    ids = self.targets(frozen, batch["tokenizer_image"])
+    ids = self.targets(frozen, tokenizer_view(batch))
     mask = batch["mask"]
     labels = jnp.take_along_axis(ids, masked_positions(mask, self.num_masked), axis=1)
     images = transforms.imagenet_normalize(batch["image"])
