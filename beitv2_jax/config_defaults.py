@@ -103,8 +103,18 @@ def _knn_fields(c):
   c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07))
 
 
+def _robust_fields(c):
+  c.init_from = ""        # a fine-tuned ImageNet-1k classifier: anything beitv2_jax.load reads
+  c.dtype = "float32"
+  c.crop_pct = 0.875      # the fine-tuning eval transform: Resize(img_size / crop_pct) + CenterCrop
+  # comma-separated: tfds:<name>[:<data_dir>] or folder:<root>/<wnid>/<image>; ImageNet-A / -R are scored
+  # over their 200 classes (train/robust.py)
+  c.robust = ml_collections.ConfigDict(dict(
+      datasets="tfds:imagenet_a,tfds:imagenet_r,tfds:imagenet_sketch,tfds:imagenet_v2", split="test"))
+
+
 _TASK_FIELDS = {"tokenizer": _tokenizer_fields, "pretrain": _pretrain_fields, "finetune": _finetune_fields,
-                "linprobe": _linprobe_fields, "knn": _knn_fields, "demo": lambda c: None}
+                "linprobe": _linprobe_fields, "knn": _knn_fields, "robust": _robust_fields, "demo": lambda c: None}
 
 
 def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:

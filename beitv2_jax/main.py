@@ -1,6 +1,6 @@
 """Entry point: python -m beitv2_jax.main --config=configs/<recipe>.py[:arg] --workdir=DIR [--config.x=y]
 
-Dispatches on config.task: tokenizer | pretrain | finetune | linprobe | knn | demo. The same --workdir
+Dispatches on config.task: tokenizer | pretrain | finetune | linprobe | knn | robust | demo. The same --workdir
 resumes a run from its last checkpoint with no other flag.
 Exit status: 0 when the run finished (or was preempted and saved), 1 when it failed (one line naming the
 file, field or value), 2 for bad flags or a bad config file.

@@ -2,7 +2,7 @@
 names up here.
 
 TRAINED tasks are `train.loop.Task` subclasses the shared loop runs; RUNS are whole runs main hands over
-(k-NN evaluation of a frozen encoder, the demo's chain of stages). Modules are imported on first use, so
+(k-NN evaluation of a frozen encoder, a classifier on the robustness sets, the demo's chain of stages). Modules are imported on first use, so
 reading the names costs nothing.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ TRAINED = {
 }
 RUNS = {
     "knn": "beitv2_jax.train.knn:run",
+    "robust": "beitv2_jax.train.robust:run",
     "demo": "beitv2_jax.demo:run",
 }
 TASKS = tuple(TRAINED) + tuple(RUNS)

@@ -84,6 +84,7 @@ class TfdsSource:
           f"{data_dir or '$TFDS_DATA_DIR'} ({type(e).__name__}: {e}). Prepare it once with: "
           f"tfds build {name} --file_format=array_record (building needs tensorflow; reading does not)") from e
     self.num_classes = builder.info.features["label"].num_classes
+    self.classes = list(builder.info.features["label"].names)  # the label names, in label order
     self.name = f"tfds:{name}/{split}"
 
   def __len__(self):

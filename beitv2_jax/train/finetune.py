@@ -18,7 +18,7 @@ from beitv2_jax.data import transforms
 from beitv2_jax.models.build import fields_call, split_execution
 from beitv2_jax.models.vit import VisionTransformer, classifier_kwargs
 from beitv2_jax.train import optim
-from beitv2_jax.train.loop import Task
+from beitv2_jax.train.loop import Task, topk_correct
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,11 +122,6 @@ def apply_random_erasing(rng, images, erase):
   """Fill the boxes marked by the host (timm RandomErasing, mode 'pixel') with N(0, 1) noise."""
   noise = jax.random.normal(rng, images.shape, images.dtype)
   return jnp.where(erase[..., None].astype(bool), noise, images)
-
-
-def topk_correct(logits, labels, ks=(1, 5)):
-  order = jnp.argsort(-logits, axis=-1)
-  return [jnp.any(order[:, :k] == labels[:, None], axis=-1).astype(jnp.float32) for k in ks]
 
 
 # ------------------------------------------------------------------------------------------------

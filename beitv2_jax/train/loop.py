@@ -347,6 +347,12 @@ def _run(task: Task) -> tuple[TrainState, dict]:
   return state, last_metrics
 
 
+def topk_correct(logits, labels, ks=(1, 5)):
+  """Per row, 1.0 where the label is among the k highest logits, for each k (classifier evaluation)."""
+  order = jnp.argsort(-logits, axis=-1)
+  return [jnp.any(order[:, :k] == labels[:, None], axis=-1).astype(jnp.float32) for k in ks]
+
+
 @jax.jit
 def _all_finite(*trees) -> jax.Array:
   leaves = [x for x in jax.tree.leaves(trees) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
