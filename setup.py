@@ -32,7 +32,9 @@ setup(
         # release with Flax classes. Our teacher does not need transformers at run time.
         # libtpu (jax[tpu]) lets tests compile for TPU slices on a CPU (beitv2_jax.aot); Linux wheels only.
         "test": ["pytest", "pytest-xdist", "transformers>=4.50,<5", "torch", "torchvision", "timm",
-                 "onnx", "onnxruntime", "jax[tpu]; sys_platform == 'linux'"],
+                 "onnx", "onnxruntime", "opencv-python-headless", "jax[tpu]; sys_platform == 'linux'"],
+        # segmentation resizes and converts to HSV with OpenCV, as mmseg does
+        "seg": ["opencv-python-headless"],
         # a teacher given as an ONNX export (*.onnx) is read with onnx
         "onnx": ["onnx"],
         "tpu": ["jax[tpu]"],
