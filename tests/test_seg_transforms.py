@@ -118,6 +118,9 @@ def test_label_and_size_rules():
   img, seg = _scene(0)
   out = st.SegEval(scale=(2048, 512))(img, seg)
   assert out["image"].shape == (512, 751, 3) and out["label"].shape == seg.shape
+  for t in (st.SegEval(), st.SegTrain()):
+    with pytest.raises(ValueError, match=r"annotation of shape \(150, 219\) does not match its image of 220x150"):
+      t(img, seg[:, :219], np.random.default_rng(0))
 
 
 def test_crop_avoids_one_class_crops():

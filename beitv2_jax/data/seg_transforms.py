@@ -7,6 +7,10 @@ Test: Resize((2048, 512), keep ratio), the whole image for sliding-window infere
 mmcv resizes with OpenCV (bilinear for images, nearest for labels) and converts to HSV with OpenCV, so this
 does too (pixel-equal). Normalisation happens on the device; padding is recorded in `valid` (H, W) so that the
 device sets padded pixels to 0 after normalising, as mmseg's Pad after Normalize does.
+
+Data note: tfds' `scene_parse150` builder downloads ChallengeData2017's `annotations_instance` (instance maps),
+not the 150-class semantic maps of ADEChallengeData2016 that the official ADE20K numbers use; those come as the
+folder layout `images/{training,validation}/*.jpg` + `annotations/{training,validation}/*.png`.
 """
 from __future__ import annotations
 
@@ -31,6 +35,13 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
   label = label - 1
   label[label == IGNORE - 1] = IGNORE
   return label
+
+
+def check_pair(image: np.ndarray, label: np.ndarray) -> None:
+  """An annotation must be one label per pixel of its image."""
+  if label.ndim != 2 or label.shape != image.shape[:2]:
+    raise ValueError(f"annotation of shape {label.shape} does not match its image of {image.shape[1]}x{image.shape[0]} "
+                     "pixels (expected one class index per pixel, (H, W))")
 
 
 def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
@@ -118,6 +129,7 @@ class SegTrain:
     self.crop, self.scale, self.ratio, self.cat_max_ratio, self.reduce_zero = crop, scale, ratio, cat_max_ratio, reduce_zero
 
   def __call__(self, image: np.ndarray, label: np.ndarray, rng) -> dict:
+    check_pair(image, label)
     if self.reduce_zero:
       label = reduce_zero_label(label)
     r = rng.random() * (self.ratio[1] - self.ratio[0]) + self.ratio[0]
@@ -137,5 +149,6 @@ class SegEval:
     self.scale, self.reduce_zero = scale, reduce_zero
 
   def __call__(self, image: np.ndarray, label: np.ndarray, rng=None) -> dict:
+    check_pair(image, label)
     resized, _ = rescale(image, None, self.scale)
     return {"image": resized, "label": reduce_zero_label(label) if self.reduce_zero else label}
