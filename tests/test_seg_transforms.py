@@ -106,8 +106,8 @@ def test_train_pipeline_matches_mmseg():
     np.testing.assert_array_equal(ours["label"], ref_gt, err_msg=f"seed {seed}")
     valid = np.zeros((96, 96), np.uint8)
     valid[:h, :w] = 1
-    np.testing.assert_array_equal(ours["valid"], valid)
-    padded += int(ours["valid"].min() == 0)
+    np.testing.assert_array_equal(ours["valid_pixels"], valid)
+    padded += int(ours["valid_pixels"].min() == 0)
   assert 0 < padded < 40
 
 
@@ -134,3 +134,39 @@ def test_crop_avoids_one_class_crops():
   with_ratio = [share(st.random_crop(rng, img, seg, 40, 0.75)[1]) for _ in range(200)]
   without = [share(st.random_crop(rng, img, seg, 40, 1.0)[1]) for _ in range(200)]
   assert np.mean(np.array(with_ratio) < 0.75) > 0.5 and np.mean(np.array(without) < 0.75) < 0.2
+
+
+def test_segmentation_sources_through_the_input_pipeline(tmp_path):
+  """digits_on_photos in memory and written out as ADEChallengeData2016's folder layout: batches of padded
+  crops with labels in the 10 digit classes or 255; the same pairs from the folder as from memory; a missing
+  annotation, an RGB annotation and a size mismatch are one-line errors naming the files."""
+  from PIL import Image
+
+  from beitv2_jax.data import pipeline, seg_sources
+  src = seg_sources.make_seg_source("digits_on_photos:24", "train")
+  assert len(src) == 20 and src.num_classes == 10
+  ann = np.stack(src.annotations)
+  assert set(np.unique(ann)) <= set(range(11)) and 0.03 < np.mean(ann > 0) < 0.5
+  t = st.SegTrain(crop=32, scale=(128, 32))
+  batch = next(iter(pipeline.train_dataset(src, t, 8, seed=0, read_threads=0)))
+  assert batch["image"].shape == (8, 32, 32, 3) and batch["label"].shape == (8, 32, 32)
+  assert set(np.unique(batch["label"])) <= set(range(10)) | {255} and batch["valid_pixels"].shape == (8, 32, 32)
+  root = tmp_path / "ade"
+  for sub in ("images/training", "annotations/training"):
+    (root / sub).mkdir(parents=True)
+  for i in range(len(src)):
+    Image.fromarray(src.images[i]).save(root / "images/training" / f"a{i:03d}.png")
+    Image.fromarray(src.annotations[i]).save(root / "annotations/training" / f"a{i:03d}.png")
+  folder = seg_sources.make_seg_source(f"folder:{root}", "train")
+  from_folder = next(iter(pipeline.train_dataset(folder, t, 8, seed=0, read_threads=0)))
+  for k in ("image", "label", "valid_pixels"):
+    np.testing.assert_array_equal(from_folder[k], batch[k])
+  Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "annotations/training" / "a000.png")
+  with pytest.raises(ValueError, match=r"a000.png: annotation of shape \(5, 5\) does not match"):
+    list(pipeline.eval_batches(folder, st.SegEval(scale=(128, 32)), 4))
+  Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / "annotations/training" / "a000.png")
+  with pytest.raises(ValueError, match="a000.png is a RGB image: expected a single-channel PNG"):
+    list(pipeline.eval_batches(folder, st.SegEval(scale=(128, 32)), 4))
+  (root / "annotations/training" / "a001.png").unlink()
+  with pytest.raises(ValueError, match="1 images in .* have no annotation PNG in .*: a001"):
+    seg_sources.make_seg_source(f"folder:{root}", "train")

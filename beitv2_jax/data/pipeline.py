@@ -17,15 +17,16 @@ import grain
 import jax
 import numpy as np
 
+from beitv2_jax.data.seg_sources import decode_annotation
 from beitv2_jax.data.sources import decode_pil
 
 _reported_bad: set = set()
 
 
 class ExampleFn:
-  """record -> example dict. Decodes the image; a corrupt or unreadable image is logged once with its
-  path, counted in the example's `bad` field, and replaced deterministically by the next readable record
-  of the source."""
+  """record -> example dict. Decodes the image (and, for a segmentation transform, its annotation); a corrupt
+  or unreadable file is logged once with its path, counted in the example's `bad` field, and replaced
+  deterministically by the next readable record of the source."""
 
   def __init__(self, source, transform: Callable, max_replacements: int = 64):
     self.source, self.transform, self.max_replacements = source, transform, max_replacements
@@ -33,8 +34,11 @@ class ExampleFn:
   def __call__(self, record: dict, rng: np.random.Generator) -> dict:
     bad = 0
     index = int(record.get("index", 0))
+    segmentation = getattr(self.transform, "segmentation", False)
     for attempt in range(self.max_replacements + 1):
       image, ok = decode_pil(record)
+      if ok and segmentation:
+        annotation, ok = decode_annotation(record)
       if ok:
         break
       bad = 1
@@ -45,10 +49,17 @@ class ExampleFn:
       record = self.source[(index + attempt + 1) % len(self.source)]
     else:
       raise RuntimeError(f"{self.max_replacements} consecutive unreadable images after index {index}")
-    example = self.transform(image, rng)
+    if segmentation:  # (image, annotation) arrays -> example; a mismatched pair is an error naming the file
+      try:
+        example = self.transform(np.asarray(image), annotation, rng)
+      except ValueError as e:
+        raise ValueError(f"{record.get('annotation_path', record.get('path', f'record {index}'))}: {e}") from None
+    else:
+      example = self.transform(image, rng)
     for field in getattr(self.transform, "record_fields", ()):  # what the record carries beside the image
       example[field] = record[field]
-    example["label"] = np.int32(record["label"])
+    if "label" not in example:  # a segmentation transform's label is its per-pixel map
+      example["label"] = np.int32(record["label"])
     example["bad"] = np.int32(bad)
     return example
 

@@ -5,8 +5,8 @@ Train: LoadAnnotations(reduce_zero_label) -> Resize((2048, 512), ratio 0.5-2.0, 
 cat_max_ratio 0.75) -> RandomFlip(0.5) -> PhotoMetricDistortion -> Normalize -> Pad(512; image 0, label 255).
 Test: Resize((2048, 512), keep ratio), the whole image for sliding-window inference.
 mmcv resizes with OpenCV (bilinear for images, nearest for labels) and converts to HSV with OpenCV, so this
-does too (pixel-equal). Normalisation happens on the device; padding is recorded in `valid` (H, W) so that the
-device sets padded pixels to 0 after normalising, as mmseg's Pad after Normalize does.
+does too (pixel-equal). Normalisation happens on the device; padding is recorded in `valid_pixels` (H, W) so
+that the device sets padded pixels to 0 after normalising, as mmseg's Pad after Normalize does.
 
 Data note: tfds' `scene_parse150` builder downloads ChallengeData2017's `annotations_instance` (instance maps),
 not the 150-class semantic maps of ADEChallengeData2016 that the official ADE20K numbers use; those come as the
@@ -112,17 +112,18 @@ def photometric_distortion(rng, image: np.ndarray, brightness_delta: int = 32, c
 
 
 def pad_to(image: np.ndarray, label: np.ndarray, size: int) -> dict:
-  """mmseg Pad(size): bottom / right padding to size x size; label 255 there, `valid` 0 there."""
+  """mmseg Pad(size): bottom / right padding to size x size; label 255 there, `valid_pixels` 0 there."""
   h, w = image.shape[:2]
   out = {"image": np.zeros((size, size, 3), np.uint8), "label": np.full((size, size), IGNORE, np.uint8),
-         "valid": np.zeros((size, size), np.uint8)}
-  out["image"][:h, :w], out["label"][:h, :w], out["valid"][:h, :w] = image, label, 1
+         "valid_pixels": np.zeros((size, size), np.uint8)}
+  out["image"][:h, :w], out["label"][:h, :w], out["valid_pixels"][:h, :w] = image, label, 1
   return out
 
 
 class SegTrain:
   """The ADE20K training pipeline: rescale by U(0.5, 2) of (2048, 512), crop 512 (cat_max_ratio), flip,
   photometric distortion, pad."""
+  segmentation = True  # the input pipeline hands it (image, annotation) arrays
 
   def __init__(self, crop: int = 512, scale=(2048, 512), ratio=(0.5, 2.0), cat_max_ratio: float = 0.75,
                reduce_zero: bool = True):
@@ -144,6 +145,7 @@ class SegTrain:
 class SegEval:
   """The ADE20K test pipeline: rescale to (2048, 512) keeping the ratio; the label stays at its own size
   (metrics are taken at the original resolution, the scores resized back to it)."""
+  segmentation = True
 
   def __init__(self, scale=(2048, 512), reduce_zero: bool = True):
     self.scale, self.reduce_zero = scale, reduce_zero
