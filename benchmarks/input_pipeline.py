@@ -207,7 +207,8 @@ def batch_cost_ms(transform, files: list[str], batch: int = 64) -> float:
 
 def grain_rate(folder: str, transform, workers: int, seconds: float, batch: int = 64) -> float:
   src = sources.folder(folder, "all")
-  it = iter(pipeline.train_dataset(src, transform, batch, seed=0, num_workers=workers, read_threads=0 if workers else 4))
+  it = iter(pipeline.train_dataset(src, transform, batch, seed=0, num_workers=workers,
+                                   read_threads=0 if workers else 4))
   next(it)  # start-up
   n, t0 = 0, time.perf_counter()
   while time.perf_counter() - t0 < seconds:

@@ -85,7 +85,8 @@ def _mmseg_metrics(preds, labels, num_classes, ignore=255):
     for t, v in zip(tot, (ai, ap + al - ai, ap, al)):
       t += v.double()
   iou, acc = tot[0] / tot[1], tot[0] / tot[3]
-  return {"aAcc": (tot[0].sum() / tot[3].sum()).item(), "mIoU": np.nanmean(iou.numpy()), "mAcc": np.nanmean(acc.numpy())}
+  return {"aAcc": (tot[0].sum() / tot[3].sum()).item(), "mIoU": np.nanmean(iou.numpy()),
+          "mAcc": np.nanmean(acc.numpy())}
 
 
 def test_metrics_match_mmseg():

@@ -101,7 +101,8 @@ def test_train_pipeline_matches_mmseg():
   for seed in range(40):
     img, seg = _scene(seed)
     ours = t(img, seg, np.random.default_rng(seed))
-    ref_img, ref_gt, (h, w) = _mmseg_train(img, seg, _NpRandom(np.random.default_rng(seed)), crop=96, img_scale=(256, 64))
+    ref_img, ref_gt, (h, w) = _mmseg_train(img, seg, _NpRandom(np.random.default_rng(seed)), crop=96,
+                                           img_scale=(256, 64))
     np.testing.assert_array_equal(ours["image"], ref_img, err_msg=f"seed {seed}")
     np.testing.assert_array_equal(ours["label"], ref_gt, err_msg=f"seed {seed}")
     valid = np.zeros((96, 96), np.uint8)

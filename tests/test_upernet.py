@@ -46,7 +46,8 @@ class TorchNecksAndHeads(tnn.Module):
 
   def __init__(self, d, ch, aux_ch, ncls):
     super().__init__()
-    self.fpn1 = tnn.Sequential(tnn.ConvTranspose2d(d, d, 2, 2), tnn.BatchNorm2d(d), tnn.GELU(), tnn.ConvTranspose2d(d, d, 2, 2))
+    self.fpn1 = tnn.Sequential(tnn.ConvTranspose2d(d, d, 2, 2), tnn.BatchNorm2d(d), tnn.GELU(),
+                               tnn.ConvTranspose2d(d, d, 2, 2))
     self.fpn2 = tnn.ConvTranspose2d(d, d, 2, 2)
     self.head = TorchUPerHead(d, ch, ncls)
     self.aux = conv_module(d, aux_ch, 3)

@@ -95,7 +95,8 @@ def digits_on_photos(split: str, n: int = 240, size: int = 64, seed: int = 0) ->
     for _ in range(int(rng.integers(1, 4))):
       k = int(rng.integers(len(d.images)))
       side = int(rng.integers(size // 4, size // 2 + 1))
-      glyph = np.asarray(Image.fromarray((d.images[k] * 255 / 16).astype(np.uint8)).resize((side, side), Image.BILINEAR))
+      glyph = Image.fromarray((d.images[k] * 255 / 16).astype(np.uint8))
+      glyph = np.asarray(glyph.resize((side, side), Image.BILINEAR))
       y, x = int(rng.integers(size - side + 1)), int(rng.integers(size - side + 1))
       stroke = glyph > 96
       colour = rng.integers(0, 256, 3).astype(np.float32)

@@ -127,7 +127,8 @@ class SegTrain:
 
   def __init__(self, crop: int = 512, scale=(2048, 512), ratio=(0.5, 2.0), cat_max_ratio: float = 0.75,
                reduce_zero: bool = True):
-    self.crop, self.scale, self.ratio, self.cat_max_ratio, self.reduce_zero = crop, scale, ratio, cat_max_ratio, reduce_zero
+    self.crop, self.scale, self.ratio = crop, scale, ratio
+    self.cat_max_ratio, self.reduce_zero = cat_max_ratio, reduce_zero
 
   def __call__(self, image: np.ndarray, label: np.ndarray, rng) -> dict:
     check_pair(image, label)

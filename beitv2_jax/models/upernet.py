@@ -171,5 +171,6 @@ class UperNetBEiT(nn.Module):
               nn.max_pool(maps[3], (2, 2), strides=(2, 2))]
     logits = UPerHead(self.num_classes, self.channels, dropout=self.dropout, dtype=self.dtype,
                       name="decode_head")(levels, train)
-    aux = FCNHead(self.num_classes, self.aux_channels, self.dropout, self.dtype, name="auxiliary_head")(levels[2], train)
+    aux = FCNHead(self.num_classes, self.aux_channels, self.dropout, self.dtype,
+                  name="auxiliary_head")(levels[2], train)
     return logits, aux
