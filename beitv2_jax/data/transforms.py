@@ -94,18 +94,6 @@ def jitter_draws(rng: np.random.Generator, brightness=0.4, contrast=0.4, saturat
           for i in rng.permutation(3) if strengths[i] > 0]
 
 
-def _enhancer(op: int):
-  return (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[op]
-
-
-def color_jitter(im: Image.Image, rng: np.random.Generator, brightness=0.4, contrast=0.4,
-                 saturation=0.4) -> Image.Image:
-  """torchvision ColorJitter(b, c, s) on PIL images: ImageEnhance ops in a random order, on the whole image."""
-  for op, factor in jitter_draws(rng, brightness, contrast, saturation):
-    im = _enhancer(op)(im).enhance(factor)
-  return im
-
-
 _RAMP = Image.frombytes("L", (256, 1), bytes(range(256)))
 
 
@@ -121,8 +109,8 @@ def _mean_grey(im: Image.Image) -> int:
 
 
 def color_jitter_crop(im: Image.Image, box, draws: list[tuple[int, float]]) -> Image.Image:
-  """`crop(color_jitter(im), box)` with the jitter `draws`, pixel for pixel (tested), doing most of the work on
-  the crop. Every op is a blend with a "degenerate" image: black (brightness) and the pixel's own grey
+  """torchvision ColorJitter's ops (`draws`) on the whole image, then `crop(..., box)`, pixel for pixel (tested
+  against torchvision's functional ops), doing most of the work on the crop. Every op is a blend with a "degenerate" image: black (brightness) and the pixel's own grey
   (saturation) are per pixel, so they commute with cropping; contrast blends with the WHOLE image's mean grey
   at that point, which is the one statistic taken from the full image. Brightness and contrast act on each
   channel value alone, so they run as lookup tables (composed when adjacent); the ops before contrast run on
