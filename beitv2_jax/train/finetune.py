@@ -17,7 +17,6 @@ from beitv2_jax import api, flops
 from beitv2_jax.data import transforms
 from beitv2_jax.models.build import fields_call, split_execution
 from beitv2_jax.models.vit import VisionTransformer, classifier_kwargs
-from beitv2_jax.train import optim
 from beitv2_jax.train.loop import Task, topk_correct
 
 
@@ -170,6 +169,7 @@ class FinetuneTask(_ClassifierTask):
     else:
       self.kwargs = fields_call(classifier_kwargs, arch, num_classes=self.num_classes)
     self.model = VisionTransformer(**self.kwargs, **run)
+    self.encoder_depth = self.kwargs["depth"]
     a = config.aug
     if a.mixup > 0 or a.cutmix > 0:
       mixup_groups(config.batch_size, a.mixup_group_size)  # a bad group size fails here, not in jit
@@ -181,11 +181,6 @@ class FinetuneTask(_ClassifierTask):
     a = self.config.aug
     return transforms.FinetuneTrain(self.config.model.img_size, a.rand_augment_layers, a.rand_augment_magnitude,
                                     a.reprob, scale=(a.min_crop_scale, 1.0))
-
-  def tx(self, params):
-    o = self.config.optim
-    return optim.adamw(params, self.schedule, o.b1, o.b2, o.eps, o.weight_decay, clip_grad=o.clip_grad or None,
-                       layer_decay=o.layer_decay, depth=self.kwargs["depth"])
 
   def init_state(self, rng):
     k_init, k_state = jax.random.split(rng)

@@ -58,13 +58,14 @@ class Task:
 
   # Set by a subclass's __init__.
   flops_per_example: float = 0.0  # model FLOPs of one training example (fwd + bwd), for MFU
+  encoder_depth: int = 0  # the encoder's block count, for layer-wise lr decay (config.optim.layer_decay)
   # Frozen inputs of the step that are not checkpointed with the run (the VQ-KD teacher, the tokenizer
   # that gives MIM targets, a probed encoder): passed to train_step as a third argument, never donated.
   frozen: Any = None
 
   def __init__(self, config, workdir: str, mesh):
     self.config, self.workdir, self.mesh = config, workdir, mesh
-    self.train_source = sources.make_source(config.data.name, config.data.train_split)
+    self.train_source = self.make_source(config.data.name, config.data.train_split)
     n = len(self.train_source)
     if n < config.batch_size:
       logging.warning("the training set (%d) is smaller than one batch (%d)", n, config.batch_size)
@@ -76,6 +77,10 @@ class Task:
     o = config.optim
     peak = o.lr * config.batch_size / self.lr_batch_reference if o.scale_lr_by_batch else o.lr
     self.schedule: Callable = optim.warmup_cosine(peak, self.total_steps, self.warmup_steps, o.min_lr)
+
+  def make_source(self, name: str, split: str):
+    """The dataset `config.data.name` names (a segmentation task reads image / annotation pairs)."""
+    return sources.make_source(name, split)
 
   # --- to implement -------------------------------------------------------------------------------
   def train_transform(self) -> Callable:
@@ -110,10 +115,11 @@ class Task:
     return ()
 
   def tx(self, params) -> optax.GradientTransformation:
-    """The optimizer: AdamW of `config.optim` with the official no-decay groups and gradient clipping
-    (optim.adamw) on `self.schedule`."""
+    """The optimizer: AdamW of `config.optim` with the official no-decay groups, gradient clipping and, for
+    the transfer tasks, layer-wise lr decay over `encoder_depth` blocks (optim.adamw) on `self.schedule`."""
     o = self.config.optim
-    return optim.adamw(params, self.schedule, o.b1, o.b2, o.eps, o.weight_decay, clip_grad=o.clip_grad or None)
+    return optim.adamw(params, self.schedule, o.b1, o.b2, o.eps, o.weight_decay, clip_grad=o.clip_grad or None,
+                       layer_decay=o.get("layer_decay"), depth=self.encoder_depth)
 
   # --- shared helpers -----------------------------------------------------------------------------
   def new_state(self, params, rng: jax.Array, extra: Any = None) -> TrainState:
