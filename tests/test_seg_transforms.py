@@ -139,19 +139,20 @@ def test_crop_avoids_one_class_crops():
 
 def test_segmentation_sources_through_the_input_pipeline(tmp_path):
   """digits_on_photos in memory and written out as ADEChallengeData2016's folder layout: batches of padded
-  crops with labels in the 10 digit classes or 255; the same pairs from the folder as from memory; a missing
-  annotation, an RGB annotation and a size mismatch are one-line errors naming the files."""
+  crops with labels in the 3 digit classes or 255 (reduce_zero_label); the same pairs from the folder as from
+  memory; a missing annotation, an RGB annotation, a size mismatch and a label outside the classes are
+  one-line errors naming the files."""
   from PIL import Image
 
   from beitv2_jax.data import pipeline, seg_sources
   src = seg_sources.make_seg_source("digits_on_photos:24", "train")
-  assert len(src) == 20 and src.num_classes == 10
+  assert len(src) == 20 and src.num_classes == 4
   ann = np.stack(src.annotations)
-  assert set(np.unique(ann)) <= set(range(11)) and 0.03 < np.mean(ann > 0) < 0.5
+  assert set(np.unique(ann)) == set(range(4)) and 0.1 < np.mean(ann > 0) < 0.6
   t = st.SegTrain(crop=32, scale=(128, 32))
   batch = next(iter(pipeline.train_dataset(src, t, 8, seed=0, read_threads=0)))
   assert batch["image"].shape == (8, 32, 32, 3) and batch["label"].shape == (8, 32, 32)
-  assert set(np.unique(batch["label"])) <= set(range(10)) | {255} and batch["valid_pixels"].shape == (8, 32, 32)
+  assert set(np.unique(batch["label"])) <= set(range(3)) | {255} and batch["valid_pixels"].shape == (8, 32, 32)
   root = tmp_path / "ade"
   for sub in ("images/training", "annotations/training"):
     (root / sub).mkdir(parents=True)
@@ -168,6 +169,16 @@ def test_segmentation_sources_through_the_input_pipeline(tmp_path):
   Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / "annotations/training" / "a000.png")
   with pytest.raises(ValueError, match="a000.png is a RGB image: expected a single-channel PNG"):
     list(pipeline.eval_batches(folder, st.SegEval(scale=(128, 32)), 4))
+  Image.fromarray(src.annotations[0]).save(root / "annotations/training" / "a000.png")
+  ann9 = src.annotations[2].copy()
+  ann9[:2, :2] = 9
+  Image.fromarray(ann9).save(root / "annotations/training" / "a002.png")
+  list(pipeline.eval_batches(folder, st.SegEval(scale=(128, 32), reduce_zero=False, num_classes=10), 4))
+  with pytest.raises(ValueError, match=r"a002.png: annotation holds class indices \[9\] outside the 4 classes"):
+    list(pipeline.eval_batches(folder, st.SegEval(scale=(128, 32), reduce_zero=False, num_classes=4), 4))
+  with pytest.raises(ValueError, match=r"a002.png: annotation holds class indices \[9\] outside the 3 classes"):
+    next(iter(pipeline.train_dataset(folder, st.SegTrain(crop=32, scale=(128, 32), num_classes=3), 20, seed=0,
+                                     read_threads=0)))
   (root / "annotations/training" / "a001.png").unlink()
   with pytest.raises(ValueError, match="1 images in .* have no annotation PNG in .*: a001"):
     seg_sources.make_seg_source(f"folder:{root}", "train")

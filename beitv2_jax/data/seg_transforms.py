@@ -44,6 +44,19 @@ def check_pair(image: np.ndarray, label: np.ndarray) -> None:
                      "pixels (expected one class index per pixel, (H, W))")
 
 
+def check_labels(label: np.ndarray, num_classes: int, reduce_zero: bool) -> None:
+  """Every label (after reduce_zero_label) is a class in [0, num_classes) or IGNORE; num_classes 0: unchecked."""
+  if not num_classes:
+    return
+  values = np.unique(label)
+  bad = values[(values >= num_classes) & (values != IGNORE)]
+  if bad.size:
+    shown = [int(v) + (1 if reduce_zero else 0) for v in bad[:5]]
+    raise ValueError(f"annotation holds class indices {shown} outside the {num_classes} classes "
+                     f"(expected {'1..' + str(num_classes) if reduce_zero else '0..' + str(num_classes - 1)}"
+                     f"{', 0 ignored' if reduce_zero else ''}, or {IGNORE} = ignore)")
+
+
 def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
   """mmcv.rescale_size(keep ratio): the largest size within (long edge <= max(scale), short edge <=
   min(scale)), rounded half up."""
@@ -126,14 +139,15 @@ class SegTrain:
   segmentation = True  # the input pipeline hands it (image, annotation) arrays
 
   def __init__(self, crop: int = 512, scale=(2048, 512), ratio=(0.5, 2.0), cat_max_ratio: float = 0.75,
-               reduce_zero: bool = True):
+               reduce_zero: bool = True, num_classes: int = 0):
     self.crop, self.scale, self.ratio = crop, scale, ratio
-    self.cat_max_ratio, self.reduce_zero = cat_max_ratio, reduce_zero
+    self.cat_max_ratio, self.reduce_zero, self.num_classes = cat_max_ratio, reduce_zero, num_classes
 
   def __call__(self, image: np.ndarray, label: np.ndarray, rng) -> dict:
     check_pair(image, label)
     if self.reduce_zero:
       label = reduce_zero_label(label)
+    check_labels(label, self.num_classes, self.reduce_zero)
     r = rng.random() * (self.ratio[1] - self.ratio[0]) + self.ratio[0]
     image, label = rescale(image, label, (int(self.scale[0] * r), int(self.scale[1] * r)))
     image, label = random_crop(rng, image, label, self.crop, self.cat_max_ratio)
@@ -148,10 +162,12 @@ class SegEval:
   (metrics are taken at the original resolution, the scores resized back to it)."""
   segmentation = True
 
-  def __init__(self, scale=(2048, 512), reduce_zero: bool = True):
-    self.scale, self.reduce_zero = scale, reduce_zero
+  def __init__(self, scale=(2048, 512), reduce_zero: bool = True, num_classes: int = 0):
+    self.scale, self.reduce_zero, self.num_classes = scale, reduce_zero, num_classes
 
   def __call__(self, image: np.ndarray, label: np.ndarray, rng=None) -> dict:
     check_pair(image, label)
+    label = reduce_zero_label(label) if self.reduce_zero else label
+    check_labels(label, self.num_classes, self.reduce_zero)
     resized, _ = rescale(image, None, self.scale)
-    return {"image": resized, "label": reduce_zero_label(label) if self.reduce_zero else label}
+    return {"image": resized, "label": label}
