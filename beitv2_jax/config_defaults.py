@@ -103,6 +103,19 @@ def _knn_fields(c):
   c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07))
 
 
+def _segment_fields(c):
+  c.init_from = ""        # a pretrained encoder (pretrain / tokenizer workdir, official checkpoint); "" = random init
+  c.num_classes = 0       # 0: the dataset's (ADE20K: 150)
+  # The mmseg ADE20K pipeline (data/seg_transforms.py) and the official UperNet recipe: rescale by U(ratio_min,
+  # ratio_max) of (scale_long, scale_short), crop `crop` (= model.img_size) with cat_max_ratio, flip, photometric
+  # distortion; ADE20K's label 0 ("other") ignored (reduce_zero_label); auxiliary FCN loss weight; sliding-window
+  # evaluation stride; poly schedule (power) with linear warm-up from warmup_ratio x lr.
+  c.seg = ml_collections.ConfigDict(dict(
+      crop=512, scale_long=2048, scale_short=512, ratio_min=0.5, ratio_max=2.0, cat_max_ratio=0.75,
+      reduce_zero_label=True, aux_weight=0.4, stride=341, warmup_ratio=1e-6, power=1.0))
+  c.optim.layer_decay = 1.0
+
+
 def _robust_fields(c):
   c.init_from = ""        # a fine-tuned ImageNet-1k classifier: anything beitv2_jax.load reads
   c.dtype = "float32"
@@ -114,7 +127,8 @@ def _robust_fields(c):
 
 
 _TASK_FIELDS = {"tokenizer": _tokenizer_fields, "pretrain": _pretrain_fields, "finetune": _finetune_fields,
-                "linprobe": _linprobe_fields, "knn": _knn_fields, "robust": _robust_fields, "demo": lambda c: None}
+                "linprobe": _linprobe_fields, "knn": _knn_fields, "robust": _robust_fields,
+                "segment": _segment_fields, "demo": lambda c: None}
 
 
 def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
@@ -265,6 +279,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(round(c.mask.ratio * n) >= 1, "mask.ratio", f"masks no patch of the {n}")
   if "early_layers" in m:
     need(1 <= m.early_layers <= m.depth, "model.early_layers", f"must be in [1, model.depth={m.depth}]")
+  if "seg" in c:
+    s = c.seg
+    need(s.crop == m.img_size, "seg.crop", f"must equal model.img_size={m.img_size} (the backbone's grid)")
+    need(0 < s.ratio_min <= s.ratio_max, "seg.ratio_min", f"must be in (0, seg.ratio_max={s.ratio_max}]")
+    need(min(s.scale_long, s.scale_short) > 0, "seg.scale_short", "the test rescale's sides must be positive")
+    need(0 < s.stride <= s.crop, "seg.stride", f"must be in [1, seg.crop={s.crop}] (windows overlap or touch)")
+    need(0 < s.cat_max_ratio <= 1, "seg.cat_max_ratio", "must be in (0, 1] (1: no retry)")
+    need(s.aux_weight >= 0, "seg.aux_weight", "must be >= 0")
+    need(c.num_classes >= 0, "num_classes", "must be >= 0 (0: the dataset's)")
 
 
 def _get(c, dotted: str):

@@ -15,6 +15,7 @@ TRAINED = {
     "pretrain": "beitv2_jax.train.pretrain:PretrainTask",
     "finetune": "beitv2_jax.train.finetune:FinetuneTask",
     "linprobe": "beitv2_jax.train.finetune:LinearProbeTask",
+    "segment": "beitv2_jax.train.segment:SegmentTask",
 }
 RUNS = {
     "knn": "beitv2_jax.train.knn:run",

@@ -93,11 +93,11 @@ def assert_resume_is_bit_identical(config, tmp_path, stop_after=6):
   assert logged(full) == logged(split) and len(logged(full)) >= config.total_steps // config.log_every_steps
 
 
-def assert_meshes_agree(task, batches, init, fsdp_min_size, atol=2e-5):
+def assert_meshes_agree(task, batches, init, fsdp_min_size, atol=2e-5, check_extra=False):
   """`task`'s jitted step over `batches` from `init` on 1 device, on an 8-device data mesh and on a 2 x 4
-  data x fsdp mesh: the same losses and parameters to `atol`; the parameters really moved (the learning
-  rate is > 0 from step 0); under fsdp every parameter and optimizer leaf of >= `fsdp_min_size` elements
-  is split over `fsdp`."""
+  data x fsdp mesh: the same losses and parameters (and with check_extra the state's `extra`, e.g.
+  BatchNorm statistics) to `atol`; the parameters really moved (the learning rate is > 0 from step 0);
+  under fsdp every parameter and optimizer leaf of >= `fsdp_min_size` elements is split over `fsdp`."""
   from beitv2_jax import parallel
 
   def run(mesh, min_fsdp_size=1 << 30):
@@ -120,5 +120,6 @@ def assert_meshes_agree(task, batches, init, fsdp_min_size, atol=2e-5):
   assert big and all("fsdp" in tuple(x.sharding.spec) for x in big)
   for losses, state in ((l8, s8), (lf, sf)):
     np.testing.assert_allclose(losses, l1, atol=atol)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(s1.params)):
+    compared = (state.params, state.extra) if check_extra else state.params
+    for a, b in zip(jax.tree.leaves(compared), jax.tree.leaves((s1.params, s1.extra) if check_extra else s1.params)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol)
