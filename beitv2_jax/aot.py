@@ -60,6 +60,7 @@ from beitv2_jax.errors import one_line, parse_flags  # noqa: E402
 
 GiB = 2**30
 IMAGENET_TRAIN_SIZE = 1281167
+ADE20K_TRAIN_SIZE = 20210
 
 # ------------------------------------------------------------------------------------------------
 # Targets
@@ -213,18 +214,23 @@ def _quiet_stderr():
 def stand_ins(config, config_dir: str) -> list[str]:
   """Replaces, in place, what compiling does not need and this machine may not have (datasets, weights) by
   something of the same shapes. Returns one line per replacement."""
-  from beitv2_jax.data import sources
+  from beitv2_jax.data import seg_sources, sources
   from beitv2_jax.models.teacher import TEACHER_ARCHITECTURES
   notes = []
   name = config.data.name
+  segment = config.task == "segment"
   if not name.startswith("synthetic"):
     try:
-      n = len(sources.make_source(name, config.data.train_split))
-      why = f"its {n} images"
+      source = (seg_sources.make_seg_source if segment else sources.make_source)(name, config.data.train_split)
+      n, why = len(source), f"its {len(source)} images"
+      if segment and not config.num_classes:  # the stand-in's labels stay in the real set's classes
+        config.num_classes = source.num_classes
     except Exception:  # noqa: BLE001 - anything that stops reading it here: the size only sets the schedule
-      n, why = IMAGENET_TRAIN_SIZE, "ImageNet-1k's train size: the dataset cannot be opened here"
-    config.data.name = f"synthetic:{n}"
-    notes.append(f"data {name} -> synthetic:{n} ({why})")
+      n, why = ((ADE20K_TRAIN_SIZE, "ADE20K's train size") if segment else
+                (IMAGENET_TRAIN_SIZE, "ImageNet-1k's train size"))
+      why += ": the dataset cannot be opened here"
+    config.data.name = f"synthetic:{n}" + (f":{config.num_classes or 150}" if segment else "")
+    notes.append(f"data {name} -> {config.data.name} ({why})")
   task = config.task
   if task == "pretrain" and not os.path.exists(config.tokenizer_path):
     was = config.tokenizer_path or "(none)"
@@ -247,7 +253,7 @@ def stand_ins(config, config_dir: str) -> list[str]:
     config.random_teacher.update({k: v for k, v in arch.items() if k not in ("image_size", "patch_size")})
     notes.append(f"teacher {config.teacher} -> an untrained one of its architecture")
     config.teacher = "random"
-  if task in ("finetune", "linprobe") and config.init_from and not os.path.exists(config.init_from):
+  if task in ("finetune", "linprobe", "segment") and config.init_from and not os.path.exists(config.init_from):
     notes.append(f"init_from {config.init_from} -> the recipe's random init (same shapes)")
     config.init_from = ""
   return notes

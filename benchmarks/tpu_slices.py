@@ -37,6 +37,8 @@ ROWS = [
     ("configs/finetune_base.py", "tpu:v5e-8", ""),
     ("configs/pretrain_base.py:epochs=1600", "tpu:v5e-256", ""),
     ("configs/pretrain_large.py:epochs=1600", "tpu:v6e-256", ""),
+    ("configs/segment_base.py", "tpu:v4-8", ""),
+    ("configs/segment_large.py", "tpu:v4-16", ""),
 ]
 
 

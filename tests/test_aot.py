@@ -185,3 +185,22 @@ def test_max_batch_search_stops_at_the_limit_on_real_compiles():
   assert best % 8 == 0 and best > 64 and r.fits, best
   c.batch_size = best + 8
   assert not aot.try_config(c, config_dir, cpu)[1].fits
+
+
+@needs_libtpu
+def test_tiny_segmenter_compiles_for_a_tpu_and_ade20k_gets_a_synthetic_stand_in():
+  """The segment step (UperNet, SyncBN over the global batch) compiles for a v4-8; segment_base's ADE20K
+  folder, absent here, is replaced by synthetic ADE20K-sized pairs of its train size, and its init_from by
+  the recipe's random init."""
+  c = _tiny("segment_tiny")
+  _, r = aot.try_config(c, os.path.join(ROOT, "configs"), aot.target("tpu:v4-8"))
+  assert r.compiled and r.fits, r.error
+  assert r.model_flops > 0 and r.xla_flops >= r.model_flops
+  base = _tiny("segment_base", init_from="/nonexistent/pt")
+  notes = aot.stand_ins(base, os.path.join(ROOT, "configs"))
+  assert base.data.name == "synthetic:20210:150" and base.init_from == ""
+  assert any("ADE20K's train size" in n for n in notes) and any("init_from /nonexistent/pt" in n for n in notes)
+  from beitv2_jax.data import pipeline, seg_sources, seg_transforms
+  src = seg_sources.make_seg_source(base.data.name, "train")
+  ex = pipeline.ExampleFn(src, seg_transforms.SegTrain(num_classes=150))(src[3], np.random.default_rng(0))
+  assert ex["image"].shape == (512, 512, 3) and ex["label"].shape == (512, 512) and src.num_classes == 150
