@@ -60,7 +60,6 @@ from beitv2_jax.errors import one_line, parse_flags  # noqa: E402
 
 GiB = 2**30
 IMAGENET_TRAIN_SIZE = 1281167
-ADE20K_TRAIN_SIZE = 20210
 
 # ------------------------------------------------------------------------------------------------
 # Targets
@@ -226,10 +225,10 @@ def stand_ins(config, config_dir: str) -> list[str]:
       if segment and not config.num_classes:  # the stand-in's labels stay in the real set's classes
         config.num_classes = source.num_classes
     except Exception:  # noqa: BLE001 - anything that stops reading it here: the size only sets the schedule
-      n, why = ((ADE20K_TRAIN_SIZE, "ADE20K's train size") if segment else
+      n, why = ((seg_sources.ADE20K_TRAIN_SIZE, "ADE20K's train size") if segment else
                 (IMAGENET_TRAIN_SIZE, "ImageNet-1k's train size"))
       why += ": the dataset cannot be opened here"
-    config.data.name = f"synthetic:{n}" + (f":{config.num_classes or 150}" if segment else "")
+    config.data.name = f"synthetic:{n}" + (f":{config.num_classes or seg_sources.ADE20K_CLASSES}" if segment else "")
     notes.append(f"data {name} -> {config.data.name} ({why})")
   task = config.task
   if task == "pretrain" and not os.path.exists(config.tokenizer_path):

@@ -112,4 +112,5 @@ def test_data_wait_is_logged_and_shows_a_slow_input(tmp_path, monkeypatch, capsy
   slow = str(tmp_path / "slow")
   entry.run(tokenizer_config(steps=4, log_every_steps=2), slow)
   rows = [m for m in read_metrics(slow) if "loss" in m]
-  assert all(m["data_wait_s"] >= 0.3 and m["data_wait_frac"] > 0.1 for m in rows), rows
+  # the fraction after the first interval only: the first one also holds the step's compile (seconds under load)
+  assert all(m["data_wait_s"] >= 0.3 for m in rows) and rows[-1]["data_wait_frac"] > 0.3, rows

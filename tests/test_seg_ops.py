@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+from beitv2_jax.models.upernet import resize_bilinear  # noqa: E402
 from beitv2_jax.train import seg_ops  # noqa: E402
 
 
@@ -54,10 +55,11 @@ def test_slide_inference_matches_mmseg():
   w = rng.normal(size=(3, 4)).astype(np.float32)
   image = rng.normal(size=(100, 170, 3)).astype(np.float32)
 
-  def ours_fn(batch):
+  def ours_fn(batch, valid):
+    assert valid.all()  # every window lies inside this image
     x = jnp.asarray(batch) @ w
     n, h, ww, c = x.shape
-    return x.reshape(n, h // 4, 4, ww // 4, 4, c).mean(axis=(2, 4))
+    return resize_bilinear(x.reshape(n, h // 4, 4, ww // 4, 4, c).mean(axis=(2, 4)), (h, ww))
 
   def torch_fn(crop):
     x = torch.einsum("nchw,cd->ndhw", crop, torch.from_numpy(w))
@@ -69,6 +71,34 @@ def test_slide_inference_matches_mmseg():
   assert seg_ops.slide_windows(100, 170, 64, 43) == [
       (0, 64, 0, 64), (0, 64, 43, 107), (0, 64, 86, 150), (0, 64, 106, 170),
       (36, 100, 0, 64), (36, 100, 43, 107), (36, 100, 86, 150), (36, 100, 106, 170)]
+
+
+def test_a_window_smaller_than_the_crop_is_padded_and_cropped_back():
+  """A 40x100 image under 64 px windows: two windows of 40 rows, padded below (mask False there); each pixel's
+  score is its own where one window covers it, the mean of the two where they overlap."""
+  image = np.arange(40 * 100 * 3, dtype=np.float32).reshape(40, 100, 3)
+  seen = []
+
+  def scores_fn(batch, valid):
+    seen.append((batch.copy(), valid.copy()))
+    return batch[..., :1] + 1000 * np.arange(len(batch))[:, None, None, None]
+
+  out = seg_ops.slide_inference(scores_fn, image, 1, crop=64, stride=43)
+  batch, valid = seen[0]
+  assert batch.shape == (2, 64, 64, 3) and valid[:, :40].all() and not valid[:, 40:].any()
+  assert not batch[:, 40:].any()
+  np.testing.assert_array_equal(out[:, :36, 0], image[:, :36, 0])  # only window 0 (x 0..64)
+  np.testing.assert_array_equal(out[:, 64:, 0], image[:, 64:, 0] + 1000)  # only window 1 (x 36..100)
+  np.testing.assert_array_equal(out[:, 36:64, 0], image[:, 36:64, 0] + 500)
+
+
+@pytest.mark.parametrize("size", [(23, 57), (8, 9), (31, 12)])
+def test_host_resize_is_torch_bilinear(size):
+  """Evaluation's host resize against F.interpolate(bilinear, align_corners=False), up, down and mixed."""
+  x = np.random.default_rng(2).normal(size=(13, 17, 5)).astype(np.float32)
+  ours = seg_ops.resize_bilinear_host(x, size)
+  ref = F.interpolate(_nchw(x[None]), size=size, mode="bilinear", align_corners=False)[0].numpy().transpose(1, 2, 0)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 def _mmseg_metrics(preds, labels, num_classes, ignore=255):

@@ -17,6 +17,9 @@ import numpy as np
 
 from beitv2_jax.data.sources import IMAGE_EXTENSIONS, _holdout
 
+# ADEChallengeData2016: training images and classes ("other" = 0 not counted); the synthetic stand-in's defaults
+ADE20K_TRAIN_SIZE, ADE20K_CLASSES = 20210, 150
+
 
 class SegFolderSource:
   """Image / annotation file pairs; records carry both files' bytes and the image's path."""
@@ -55,7 +58,7 @@ class SyntheticSegSource:
   """n random ADE20K-sized images (512 x 683) with labels in [0, num_classes) in 32 px blocks: for compile
   checks and benchmarks (beitv2_jax.aot's stand-in for a dataset). Valid with and without reduce_zero_label."""
 
-  def __init__(self, n: int, num_classes: int = 150, size: tuple[int, int] = (512, 683)):
+  def __init__(self, n: int, num_classes: int = ADE20K_CLASSES, size: tuple[int, int] = (512, 683)):
     self.n, self.num_classes, self.size, self.name = n, num_classes, size, f"synthetic:{n}:{num_classes}"
 
   def __len__(self):
@@ -145,7 +148,7 @@ def make_seg_source(name: str, split: str):
     return digits_on_photos(split, int(arg) if arg else 240)
   if kind == "synthetic":  # synthetic[:N[:classes]]
     n, _, classes = arg.partition(":")
-    return SyntheticSegSource(int(n) if n else 20210, int(classes) if classes else 150)
+    return SyntheticSegSource(int(n) if n else ADE20K_TRAIN_SIZE, int(classes) if classes else ADE20K_CLASSES)
   raise ValueError(f"unknown segmentation dataset {name!r}: expected folder:<root> (ADEChallengeData2016 layout), "
                    "digits_on_photos[:N] or synthetic[:N[:classes]]")
 

@@ -21,7 +21,8 @@ from beitv2_jax.data.pipeline import ExampleFn
 from beitv2_jax.models.build import fields_call, split_execution
 from beitv2_jax.models.upernet import UperNetBEiT, resize_bilinear
 from beitv2_jax.train.loop import Task
-from beitv2_jax.train.seg_ops import intersect_and_union, seg_loss, segmentation_metrics, slide_inference
+from beitv2_jax.train.seg_ops import (intersect_and_union, resize_bilinear_host, seg_loss, segmentation_metrics,
+                                     slide_inference)
 
 
 def poly_schedule(base_lr: float, total_steps: int, warmup_steps: int, warmup_ratio: float = 1e-6,
@@ -152,19 +153,25 @@ class SegmentTask(Task):
     source = self.make_source(c.data.name, c.data.eval_split)
     example_fn = ExampleFn(source, seg_transforms.SegEval((s.scale_long, s.scale_short), s.reduce_zero_label,
                                                                 self.num_classes))
-    apply = jax.jit(lambda p, bs, x: self.model.apply({"params": p, "batch_stats": bs}, x)[0])
+    crop = s.crop
+
+    @jax.jit
+    def window_scores(params, stats, windows, valid):
+      logits = self.model.apply({"params": params, "batch_stats": stats},
+                                self.images({"image": windows, "valid_pixels": valid}))[0]
+      return resize_bilinear(logits.astype(jnp.float32), (crop, crop))
+
     weights = (state.params, state.extra)
     if jax.process_count() > 1:  # sharded over hosts (fsdp) or not: the whole values, on this host
       weights = multihost_utils.process_allgather(weights, tiled=True)
     params, stats = jax.device_put(weights, jax.local_devices()[0])
-    mean, std = np.asarray(transforms.IMAGENET_MEAN), np.asarray(transforms.IMAGENET_STD)
     totals = np.zeros((4, self.num_classes), np.int64)
     for i in range(jax.process_index(), len(source), jax.process_count()):
       ex = example_fn(source[i], np.random.default_rng(i))
-      image = (ex["image"].astype(np.float32) / 255.0 - mean) / std
-      scores = slide_inference(lambda b: apply(params, stats, jnp.asarray(b)), image, self.num_classes, s.crop,
-                               s.stride)
-      pred = np.asarray(jnp.argmax(resize_bilinear(jnp.asarray(scores)[None], ex["label"].shape), -1))[0]
+      scores = slide_inference(lambda w, v: window_scores(params, stats, w, v), ex["image"], self.num_classes,
+                               crop, s.stride)
+      # on the host: the labels' sizes vary from image to image, a device resize would compile for each
+      pred = np.argmax(resize_bilinear_host(scores, ex["label"].shape), -1)
       totals += np.stack(intersect_and_union(pred, ex["label"], self.num_classes))
     if jax.process_count() > 1:
       totals = np.asarray(multihost_utils.process_allgather(totals)).sum(0)
