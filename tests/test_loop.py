@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 
 from beitv2_jax import main as entry
 from beitv2_jax.train.writer import read_metrics
@@ -114,3 +115,35 @@ def test_data_wait_is_logged_and_shows_a_slow_input(tmp_path, monkeypatch, capsy
   rows = [m for m in read_metrics(slow) if "loss" in m]
   # the fraction after the first interval only: the first one also holds the step's compile (seconds under load)
   assert all(m["data_wait_s"] >= 0.3 for m in rows) and rows[-1]["data_wait_frac"] > 0.3, rows
+
+
+def _tensorboard_scalars(logdir):
+  """(tag, step, value) of every scalar in the TensorBoard event files under `logdir`, read as TensorBoard
+  does: TFRecords (length, its crc, an Event proto, its crc) parsed with the Event proto."""
+  from tensorboardX.proto.event_pb2 import Event
+  out = []
+  for name in sorted(os.listdir(logdir)):
+    data = open(os.path.join(logdir, name), "rb").read()
+    pos = 0
+    while pos < len(data):
+      n = int.from_bytes(data[pos:pos + 8], "little")
+      event = Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+  return out
+
+
+def test_tensorboard_events_hold_the_logged_scalars_and_torch_is_not_imported_for_them(tmp_path):
+  """The metrics also go to TensorBoard event files; tensorboardX's optional torch import (4 s at every start
+  where torch is installed, as here) is skipped."""
+  wd = str(tmp_path / "run")
+  code = ("import sys; from beitv2_jax.train.writer import MetricWriter\n"
+          f"w = MetricWriter({wd!r})\n"
+          "w.write(1, {'loss': 0.5, 'lr': 1e-3}); w.write(2, {'loss': 0.25, 'name': 'x'}); w.close()\n"
+          "print('torch imported:', 'torch' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                       capture_output=True, text=True, check=True).stdout
+  assert "torch imported: False" in out, out
+  assert sorted(_tensorboard_scalars(os.path.join(wd, "tensorboard"))) == [
+      ("loss", 1, 0.5), ("loss", 2, 0.25), ("lr", 1, np.float32(1e-3))]
+  assert [m["loss"] for m in read_metrics(wd)] == [0.5, 0.25]

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -18,6 +19,21 @@ def _scalar(v) -> Any:
     return None
   x = a.item()
   return x if isinstance(x, (int, bool)) or not isinstance(x, float) or math.isfinite(x) else str(x)
+
+
+def _summary_writer(logdir: str):
+  """tensorboardX's SummaryWriter, imported with torch hidden: tensorboardX imports torch when it is installed
+  (4 s at every start) only to accept torch tensors, and falls back to numpy when the import fails. We pass it
+  Python floats. A torch already imported is left alone."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return SummaryWriter(logdir)
 
 
 class MetricWriter:
@@ -35,8 +51,7 @@ class MetricWriter:
       self._drop_rows_after(drop_after_step)
     if tensorboard:
       try:
-        from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.tb = _summary_writer(os.path.join(workdir, "tensorboard"))
       except ImportError:
         logging.info("tensorboardX not installed: no TensorBoard events")
     if wandb_config and wandb_config.get("enabled"):
