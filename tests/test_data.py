@@ -171,6 +171,20 @@ def test_offline_sources():
   assert len(p) >= 15 and p[0]["image"].ndim == 3
 
 
+def test_digits_are_sklearns_load_digits_scaled_to_bytes():
+  """Read from the wheel's file without importing sklearn: the same images (0..16 -> 0..255) and labels as
+  load_digits, split 4 : 1 by index."""
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  every = sources.make_source("digits", "all")
+  grey = np.repeat((d.images * (255.0 / 16.0)).round().astype(np.uint8)[..., None], 3, -1)  # RGB, as every source
+  np.testing.assert_array_equal(every.images, grey)
+  np.testing.assert_array_equal(every.labels, d.target)
+  val = sources.make_source("digits", "val")
+  assert len(val) == 360 and len(sources.make_source("digits", "train")) == 1797 - 360
+  np.testing.assert_array_equal(val.labels, d.target[::5])
+
+
 def test_photos_at_a_reduced_short_side_give_the_same_32px_views():
   """photos:128 stores each photo at a 128 px short side: a 32 px view of the same region (the same box in
   relative coordinates) matches the view cut from the full photo to a few grey levels, as both are
