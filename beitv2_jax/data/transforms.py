@@ -103,6 +103,12 @@ def _blend_lut(level: int, factor: float) -> list[int]:
   return list(Image.blend(Image.new("L", (256, 1), level), _RAMP, factor).tobytes())
 
 
+def _apply_lut(im: Image.Image, lut: list[int]) -> Image.Image:
+  """`im.point(lut * bands)` without Pillow's per-call `round` of every one of the 256 x bands entries (a
+  Python loop that costs more than the lookup itself on a crop): the tables here are already integers."""
+  return im._new(im.im.point(lut * len(im.getbands()), None))
+
+
 def _mean_grey(im: Image.Image) -> int:
   """ImageEnhance.Contrast's flat level: the rounded mean of the image's L channel."""
   return int(ImageStat.Stat(im.convert("L")).mean[0] + 0.5)
@@ -119,19 +125,19 @@ def color_jitter_crop(im: Image.Image, box, draws: list[tuple[int, float]]) -> I
   at_contrast = next((k for k, (op, _) in enumerate(ops) if op == CONTRAST), len(ops))
   if any(op == SATURATION for op, _ in ops[:at_contrast]):
     for op, factor in ops[:at_contrast]:
-      im = ImageEnhance.Color(im).enhance(factor) if op == SATURATION else im.point(_blend_lut(0, factor) * 3)
+      im = ImageEnhance.Color(im).enhance(factor) if op == SATURATION else _apply_lut(im, _blend_lut(0, factor))
     ops = ops[at_contrast:]
   out, lut = crop(im, box), None  # lut: the pending per-value map of the ops since the last saturation
   for op, factor in ops:
     if op == SATURATION:
       if lut is not None:
-        out, lut = out.point(lut * 3), None
+        out, lut = _apply_lut(out, lut), None
       out = ImageEnhance.Color(out).enhance(factor)
       continue
-    level = 0 if op == BRIGHTNESS else _mean_grey(im if lut is None else im.point(lut * 3))
+    level = 0 if op == BRIGHTNESS else _mean_grey(im if lut is None else _apply_lut(im, lut))
     step = _blend_lut(level, factor)
     lut = step if lut is None else [step[v] for v in lut]
-  return out if lut is None else out.point(lut * 3)
+  return out if lut is None else _apply_lut(out, lut)
 
 
 def maybe_flip(im: Image.Image, rng: np.random.Generator, p: float = 0.5) -> Image.Image:
