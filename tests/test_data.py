@@ -76,6 +76,26 @@ def test_same_seed_same_batches_and_resume_is_exact():
   assert not np.array_equal(other["image"], expected[0]["image"])
 
 
+def test_every_epoch_is_a_fresh_permutation_of_the_source():
+  """40 records, 8 per batch: each epoch of 5 batches holds every record once, in a shuffled order that
+  changes from epoch to epoch and with the seed, and is the same for the same seed (read with threads)."""
+  n = 40
+  src = sources.ArraySource(np.zeros((n, 8, 8), np.uint8), np.arange(n), n, "labels_are_indices")
+
+  def epochs(seed, count=3):
+    it = iter(pipeline.train_dataset(src, transforms.TokenizerTrain(8), 8, seed=seed, read_threads=2))
+    order = np.concatenate([next(it)["label"] for _ in range(count * n // 8)])
+    return order.reshape(count, n)
+
+  a = epochs(seed=3)
+  for epoch in a:
+    assert sorted(epoch.tolist()) == list(range(n))
+  assert not np.array_equal(a[0], np.arange(n)) and not np.array_equal(a[0], a[1])
+  assert not np.array_equal(a[1], a[2])
+  np.testing.assert_array_equal(epochs(seed=3), a)
+  assert not np.array_equal(epochs(seed=4)[0], a[0])
+
+
 @pytest.mark.parametrize("depth", [0, 2])
 def test_device_prefetch_saves_the_consumed_position(depth):
   """With batches in flight, the saved state is still 'after the last consumed batch': a resumed iterator

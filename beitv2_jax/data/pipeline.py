@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Callable, Iterator, Optional
 
 import grain
@@ -64,6 +65,39 @@ class ExampleFn:
     return example
 
 
+class _EpochShuffle:
+  """Global position k -> the source record at position k % n of epoch k // n, each epoch a permutation of the
+  n records drawn from (seed, epoch). grain's `shuffle` (a per-index cipher) costs 1.8 ms per index on a
+  source of 18 records and 0.05 ms on 1000; this is one lookup per index and one numpy permutation (8 bytes
+  per record) per epoch, kept for the current and the previous epoch."""
+
+  def __init__(self, source, seed: int):
+    self.source, self.seed, self.n = source, int(seed), len(source)
+    self._perms: dict = {}
+    self._lock = threading.Lock()
+
+  def __getstate__(self):  # to grain's worker processes: without the lock and the drawn permutations
+    return {"source": self.source, "seed": self.seed, "n": self.n}
+
+  def __setstate__(self, state):
+    self.__init__(state["source"], state["seed"])
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    perm = self._perms.get(epoch)
+    if perm is None:
+      with self._lock:
+        perm = self._perms.get(epoch)
+        if perm is None:
+          perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+          self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+          self._perms[epoch] = perm
+    return perm
+
+  def __call__(self, k: int):
+    epoch, pos = divmod(int(k), self.n)
+    return self.source[int(self._perm(epoch)[pos])]
+
+
 class _ProcessRows:
   """Local index k -> global position of the k-th example this process reads."""
 
@@ -91,7 +125,7 @@ def train_dataset(source, transform: Callable, global_batch: int, seed: int,
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   lb = _local_batch(global_batch, pc)
-  global_ds = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+  global_ds = (grain.MapDataset.range(1 << 62).map(_EpochShuffle(source, seed))
                .random_map(ExampleFn(source, transform), seed=seed + 1))
   rows = _ProcessRows(global_ds, global_batch, pi, pc)
   local = grain.MapDataset.range(1 << 62).map(rows).batch(lb, drop_remainder=True)
