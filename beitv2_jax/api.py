@@ -1,7 +1,7 @@
 """`beitv2_jax.load`: one call for every checkpoint kind the project knows.
 
   m = beitv2_jax.load(path, **overrides)
-  m.kind                       # "classifier" | "mim" | "tokenizer" | "linprobe"
+  m.kind                       # "classifier" | "mim" | "tokenizer" | "linprobe" | "segmenter"
   m.module, m.params, m.config
   logits = m(images)           # classifier: float32 NHWC, ImageNet-normalised -> (B, num_classes)
   main, agg = m(images, mask)  # mim: mask bool (B, N) row-major -> each (B, M, vocab) at masked positions
@@ -10,6 +10,9 @@
   feats = m.features(images)   # any kind: the encoder's image features (see `features`)
   logits = m(images)           # linprobe (a linear-probe workdir): its encoder's features -> BatchNorm -> head;
                                # images as its encoder's `features` takes them
+  logits = m(images)           # segmenter (a `segment` workdir): normalised (B, S, S, 3) -> (B, S, S, classes)
+  classes = m.segment(image)   # segmenter: one uint8 (H, W, 3) image of any size -> (H, W) int32 class map,
+                               # as its evaluation scores it (test rescale, sliding windows, resized back)
 
 A linear-probe workdir stores the head and the BatchNorm statistics, not the frozen encoder: `load` reads
 the encoder again from where the run read it (config.json's "encoder"; `load(path, encoder=...)` when it
@@ -57,7 +60,7 @@ from beitv2_jax.models.vit import VisionTransformer, encoder_kwargs
 from beitv2_jax.models.vqkd import VQKD
 
 KINDS = ("classifier", "mim", "tokenizer")  # what `load(kind=...)` can convert to
-LOADABLE_KINDS = KINDS + ("linprobe",)       # what a workdir's config.json may name
+LOADABLE_KINDS = KINDS + ("linprobe", "segmenter")  # what a workdir's config.json may name
 # float16: the official code runs the tokenizer under fp16 autocast; 3 more mantissa bits than bf16 keep
 # near-tie code choices closer to float32 (benchmarks/label_precision.py measures how much).
 @dataclasses.dataclass
@@ -80,6 +83,8 @@ class Model:
     images = jnp.asarray(check_normalised_images(images, self.img_size), jnp.float32)
     if self.kind == "classifier":
       return _jit_apply(self.module)(self.params, images)["logits"]
+    if self.kind == "segmenter":
+      return _jit_segmenter(self.module)(self.params, images)
     if mask is None:
       raise ValueError("a mim model needs a mask: m(images, mask) with mask bool (B, N)")
     mask = check_mask(mask, images.shape[0], self.grid)
@@ -99,6 +104,25 @@ class Model:
     ids = check_ids(ids, self.grid, len(self.codebook))
     return _jit_decode(self.module)(self.params, self.codebook, jnp.asarray(ids, jnp.int32))
 
+  # ---- segmenter --------------------------------------------------------------------------------
+  def segment(self, image) -> np.ndarray:
+    """One uint8 (H, W, 3) RGB image of any size -> (H, W) int32 class indices, as the run's evaluation
+    scores an image: rescaled by the test pipeline (config "seg": scale_long, scale_short), scored by sliding
+    windows (crop, stride), the scores resized back to (H, W). Class indices are the run's labels (with
+    reduce_zero_label, ADE20K's class k + 1 is index k)."""
+    from beitv2_jax import seg_inference
+    from beitv2_jax.data import seg_transforms
+    self._need("segmenter")
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+      raise ValueError(f"image: expected one uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}")
+    s = self.config["seg"]
+    rescaled, _ = seg_transforms.rescale(image, None, (s["scale_long"], s["scale_short"]))
+    scores = _cached(("segwin", id(self.module)),
+                     lambda: seg_inference.window_scores_fn(self.module, s["crop"]), self.module)
+    return seg_inference.class_map(lambda w, v: scores(self.params, w, v), rescaled, image.shape[:2],
+                                   self.module.num_classes, s["crop"], s["stride"])
+
   def features(self, images, layer: int = -1, pool: str = "cls"):
     """Frozen features for probing: the [CLS] token after the final norm (pool='cls', what patch
     aggregation trains), or the mean of the patch tokens (pool='mean'), at `layer` (-1: last block;
@@ -106,6 +130,9 @@ class Model:
     [0, 1] (the tokenizer's own convention); other kinds take ImageNet-normalised images."""
     if self.kind == "linprobe":
       return self.module.encoder.features(images, layer, pool)
+    if self.kind == "segmenter":
+      raise TypeError("a segmenter's encoder has no final norm to pool features from: probe the encoder it was "
+                      "trained from (its config.json's config.init_from)")
     if self.kind == "tokenizer":
       images = check_unit_images(images, self.img_size)
     else:
@@ -288,6 +315,15 @@ def _jit_mim(module, m):
                  lambda: jax.jit(lambda p, x, mask: module.apply({"params": p}, x, mask, m)), module)
 
 
+def _jit_segmenter(module):
+  """The main head's logits resized to the input, as mmseg's encode_decode returns them."""
+  from beitv2_jax.models.upernet import resize_bilinear
+
+  def logits(variables, x):
+    return resize_bilinear(module.apply(variables, x)[0].astype(jnp.float32), x.shape[1:3])
+  return _cached(("seg", id(module)), lambda: jax.jit(logits), module)
+
+
 def _jit_encode(module):
   def enc(p, cb, x):
     return quantizer.nearest_code(cb, module.apply({"params": p}, x, method=VQKD.encode))
@@ -403,6 +439,8 @@ def _load_ours(path: str, kind, dtype, overrides) -> Model:
   _, state = checkpoint.restore_state_tree(ckpt_dir, step)
   if stored_kind == "linprobe":
     return _load_probe(run_dir, info, state, kind, dtype, overrides)
+  if stored_kind == "segmenter":
+    return _load_segmenter(run_dir, info, state, kind, dtype, overrides)
   model_cfg, params = dict(info["model"]), state["params"]
   codebook = None
   if stored_kind == "tokenizer":
@@ -433,6 +471,23 @@ def _load_probe(run_dir, info, state, kind, dtype, overrides) -> Model:
   params = {"head": jax.tree.map(jnp.asarray, state["params"]), "bn": jax.tree.map(jnp.asarray, state["extra"])}
   probe = LinearProbe(encoder, int(p["layer"]), p["pool"], bool(p["batchnorm"]))
   return Model("linprobe", probe, params, {"encoder": encoder_path, "probe": dict(p)}, None, run_dir)
+
+
+def _load_segmenter(run_dir, info, state, kind, dtype, overrides) -> Model:
+  """A segmentation workdir: UperNet on its BEiT encoder with the run's weights and BatchNorm statistics
+  (params {"params", "batch_stats"}), and the run's test-time settings (config "seg")."""
+  from beitv2_jax.models.upernet import UperNetBEiT
+  if kind not in (None, "segmenter"):
+    raise ValueError(f"{run_dir} is a segmenter: it loads as kind='segmenter', not {kind!r}")
+  if overrides:
+    raise ValueError(f"a segmenter loads as it was trained; got overrides {sorted(overrides)}")
+  cfg = {k: v for k, v in info["model"].items() if k != "dtype"}
+  cfg["out_indices"] = tuple(cfg["out_indices"])
+  module = UperNetBEiT(**cfg, dtype=dtype_of(dtype))
+  params = {"params": jax.tree.map(jnp.asarray, state["params"]),
+            "batch_stats": jax.tree.map(jnp.asarray, state["extra"])}
+  seg = {k: info["config"]["seg"][k] for k in ("crop", "stride", "scale_long", "scale_short", "reduce_zero_label")}
+  return Model("segmenter", module, params, {"model": cfg, "seg": seg}, None, run_dir)
 
 
 RANDOM_ENCODER = "random init"  # a linear probe's "encoder" when init_from is empty: the baseline

@@ -1,5 +1,5 @@
-"""Segmentation loss, sliding-window inference and mIoU (train/seg_ops.py) against transcriptions of mmseg
-0.x's code in PyTorch / numpy."""
+"""Segmentation loss and mIoU (train/seg_ops.py), sliding-window inference (seg_inference.py) against
+transcriptions of mmseg 0.x's code in PyTorch / numpy."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,6 +8,7 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from beitv2_jax.models.upernet import resize_bilinear  # noqa: E402
+from beitv2_jax import seg_inference  # noqa: E402
 from beitv2_jax.train import seg_ops  # noqa: E402
 
 
@@ -65,10 +66,10 @@ def test_slide_inference_matches_mmseg():
     x = torch.einsum("nchw,cd->ndhw", crop, torch.from_numpy(w))
     return F.avg_pool2d(x, 4)
 
-  ours = seg_ops.slide_inference(ours_fn, image, 4, crop=64, stride=43)
+  ours = seg_inference.slide_inference(ours_fn, image, 4, crop=64, stride=43)
   ref = _mmseg_slide(torch_fn, _nchw(image[None]), 4, 64, 43)[0].numpy().transpose(1, 2, 0)
   np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
-  assert seg_ops.slide_windows(100, 170, 64, 43) == [
+  assert seg_inference.slide_windows(100, 170, 64, 43) == [
       (0, 64, 0, 64), (0, 64, 43, 107), (0, 64, 86, 150), (0, 64, 106, 170),
       (36, 100, 0, 64), (36, 100, 43, 107), (36, 100, 86, 150), (36, 100, 106, 170)]
 
@@ -83,7 +84,7 @@ def test_a_window_smaller_than_the_crop_is_padded_and_cropped_back():
     seen.append((batch.copy(), valid.copy()))
     return batch[..., :1] + 1000 * np.arange(len(batch))[:, None, None, None]
 
-  out = seg_ops.slide_inference(scores_fn, image, 1, crop=64, stride=43)
+  out = seg_inference.slide_inference(scores_fn, image, 1, crop=64, stride=43)
   batch, valid = seen[0]
   assert batch.shape == (2, 64, 64, 3) and valid[:, :40].all() and not valid[:, 40:].any()
   assert not batch[:, 40:].any()
@@ -96,7 +97,7 @@ def test_a_window_smaller_than_the_crop_is_padded_and_cropped_back():
 def test_host_resize_is_torch_bilinear(size):
   """Evaluation's host resize against F.interpolate(bilinear, align_corners=False), up, down and mixed."""
   x = np.random.default_rng(2).normal(size=(13, 17, 5)).astype(np.float32)
-  ours = seg_ops.resize_bilinear_host(x, size)
+  ours = seg_inference.resize_bilinear_host(x, size)
   ref = F.interpolate(_nchw(x[None]), size=size, mode="bilinear", align_corners=False)[0].numpy().transpose(1, 2, 0)
   np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 

@@ -16,7 +16,7 @@ import beitv2_jax  # noqa: E402
 from beitv2_jax import api, main as entry, parallel  # noqa: E402
 from beitv2_jax.config_defaults import set_dotted  # noqa: E402
 from beitv2_jax.data import seg_sources  # noqa: E402
-from beitv2_jax.train import segment  # noqa: E402
+from beitv2_jax.train import seg_ops, segment  # noqa: E402
 from helpers import ROOT, assert_meshes_agree, load_config  # noqa: E402
 
 PRETRAINED = os.path.join(ROOT, "tests", "data", "mim_tiny_mnist.safetensors")
@@ -52,15 +52,37 @@ def test_segment_learns_far_past_the_majority_baseline(tmp_path):
   cat_max_ratio crops, flip, photometric distortion, aux head, layer decay, poly schedule) scored on the
   held-out images by sliding windows: mIoU > 0.8 and aAcc > 0.93 where predicting the commonest class (the
   photo) everywhere scores 0.18 and 0.73. Measured 0.856 / 0.955; labels left unflipped when the image is
-  flipped give 0.729 / 0.902 (200 steps: 0.862 / 0.956 and 0.745 / 0.909)."""
+  flipped give 0.729 / 0.902 (200 steps: 0.862 / 0.956 and 0.745 / 0.909). The workdir then loads through
+  beitv2_jax.load, and its `segment(image)` gives the evaluation's mIoU back."""
   c = load_config("segment_tiny")
   c.total_steps, c.eval_every_steps, c.checkpoint_every_steps, c.data.read_threads = 150, 150, 150, 0
-  metrics = entry.run(c, str(tmp_path / "seg"))
-  held_out = np.concatenate([a.ravel() for a in seg_sources.digits_on_photos("val").annotations])
+  wd = str(tmp_path / "seg")
+  metrics = entry.run(c, wd)
+  val = seg_sources.digits_on_photos("val")
+  held_out = np.concatenate([a.ravel() for a in val.annotations])
   share = np.bincount(held_out, minlength=4) / held_out.size
   baseline_miou, baseline_aacc = share.max() / 4, share.max()
   assert baseline_miou < 0.2 and baseline_aacc < 0.75
   assert metrics["mIoU"] > 0.8 and metrics["aAcc"] > 0.93, (metrics, share)
+
+  # The workdir loads for inference: m.segment(image) is what the evaluation scored, image by image
+  m = beitv2_jax.load(wd)
+  assert m.kind == "segmenter" and m.img_size == 32
+  preds = [m.segment(im) for im in val.images]
+  assert all(p.shape == a.shape for p, a in zip(preds, val.annotations))
+  totals = sum(np.stack(seg_ops.intersect_and_union(p, a, 4)) for p, a in zip(preds, val.annotations))
+  assert seg_ops.segmentation_metrics(totals)["mIoU"] == pytest.approx(metrics["mIoU"], abs=1e-6)
+  # a 4x larger image is brought back to the trained scale by the test rescale (short side 64), and the class
+  # map to its size: it agrees with the 64 px map, upsampled, at the tile borders' few pixels off at most
+  big = [np.repeat(np.repeat(im, 4, 0), 4, 1) for im in val.images[:8]]
+  agree = np.mean([np.mean(m.segment(b) == np.repeat(np.repeat(p, 4, 0), 4, 1)) for b, p in zip(big, preds)])
+  assert agree > 0.95, agree
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  assert m(x).shape == (2, 32, 32, 4)
+  with pytest.raises(ValueError, match="expected one uint8 RGB image"):
+    m.segment(val.images[0].astype(np.float32))
+  with pytest.raises(TypeError, match="no final norm"):
+    m.features(x)
 
 
 def test_pretrained_encoder_loads_with_its_rel_pos_table_resized_per_block(tmp_path):

@@ -1,6 +1,6 @@
 """Task `segment`: semantic segmentation with UperNet on a BEiT encoder, the official ADE20K transfer
 (semantic_segmentation/ on mmseg 0.x; docs/method.md §4.3): models/upernet.py, the mmseg pipelines
-(data/seg_transforms.py), the loss, sliding-window evaluation and mIoU (train/seg_ops.py).
+(data/seg_transforms.py), the loss and mIoU (train/seg_ops.py), sliding-window inference (seg_inference.py).
 
 The encoder comes from `config.init_from` (a pretraining or tokenizer workdir, an official checkpoint): its
 relative position table is copied into every block and resized to the crop's grid (14x14 -> 32x32 at 512 px),
@@ -15,14 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from beitv2_jax import api, flops
-from beitv2_jax.data import seg_sources, seg_transforms, transforms
+from beitv2_jax import api, flops, seg_inference
+from beitv2_jax.data import seg_sources, seg_transforms
 from beitv2_jax.data.pipeline import ExampleFn
 from beitv2_jax.models.build import fields_call, split_execution
 from beitv2_jax.models.upernet import UperNetBEiT, resize_bilinear
 from beitv2_jax.train.loop import Task
-from beitv2_jax.train.seg_ops import (intersect_and_union, resize_bilinear_host, seg_loss, segmentation_metrics,
-                                     slide_inference)
+from beitv2_jax.train.seg_ops import intersect_and_union, seg_loss, segmentation_metrics
 
 
 def poly_schedule(base_lr: float, total_steps: int, warmup_steps: int, warmup_ratio: float = 1e-6,
@@ -118,18 +117,16 @@ class SegmentTask(Task):
   def model_info(self):
     return {"kind": "segmenter", "model": dict(self.kwargs, scan=self.config.model.scan)}
 
-  def images(self, batch):
-    """Normalised images with the padding set to 0 after normalisation (mmseg's Pad follows Normalize)."""
-    x = transforms.imagenet_normalize(batch["image"])
-    return x * batch["valid_pixels"][..., None].astype(x.dtype) if "valid_pixels" in batch else x
 
   def train_step(self, state, batch, frozen):
     rng = jax.random.fold_in(state.rng, state.step)
     labels = batch["label"].astype(jnp.int32)
 
+    images = seg_inference.normalised_images(batch["image"], batch.get("valid_pixels"))
+
     def loss_fn(params):
-      (logits, aux), new = self.model.apply({"params": params, "batch_stats": state.extra}, self.images(batch),
-                                            train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+      (logits, aux), new = self.model.apply({"params": params, "batch_stats": state.extra}, images, train=True,
+                                            rngs={"dropout": rng}, mutable=["batch_stats"])
       main, auxiliary = seg_loss(logits, labels), seg_loss(aux, labels)
       return main + self.config.seg.aux_weight * auxiliary, (main, auxiliary, logits, new["batch_stats"])
 
@@ -153,25 +150,17 @@ class SegmentTask(Task):
     source = self.make_source(c.data.name, c.data.eval_split)
     example_fn = ExampleFn(source, seg_transforms.SegEval((s.scale_long, s.scale_short), s.reduce_zero_label,
                                                                 self.num_classes))
-    crop = s.crop
-
-    @jax.jit
-    def window_scores(params, stats, windows, valid):
-      logits = self.model.apply({"params": params, "batch_stats": stats},
-                                self.images({"image": windows, "valid_pixels": valid}))[0]
-      return resize_bilinear(logits.astype(jnp.float32), (crop, crop))
-
+    window_scores = seg_inference.window_scores_fn(self.model, s.crop)
     weights = (state.params, state.extra)
     if jax.process_count() > 1:  # sharded over hosts (fsdp) or not: the whole values, on this host
       weights = multihost_utils.process_allgather(weights, tiled=True)
     params, stats = jax.device_put(weights, jax.local_devices()[0])
+    variables = {"params": params, "batch_stats": stats}
     totals = np.zeros((4, self.num_classes), np.int64)
     for i in range(jax.process_index(), len(source), jax.process_count()):
       ex = example_fn(source[i], np.random.default_rng(i))
-      scores = slide_inference(lambda w, v: window_scores(params, stats, w, v), ex["image"], self.num_classes,
-                               crop, s.stride)
-      # on the host: the labels' sizes vary from image to image, a device resize would compile for each
-      pred = np.argmax(resize_bilinear_host(scores, ex["label"].shape), -1)
+      pred = seg_inference.class_map(lambda w, v: window_scores(variables, w, v), ex["image"], ex["label"].shape,
+                                     self.num_classes, s.crop, s.stride)
       totals += np.stack(intersect_and_union(pred, ex["label"], self.num_classes))
     if jax.process_count() > 1:
       totals = np.asarray(multihost_utils.process_allgather(totals)).sum(0)
