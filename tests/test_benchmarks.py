@@ -31,8 +31,8 @@ def test_train_step_benchmark_smoke(tmp_path):
 
 
 def test_input_pipeline_benchmark_smoke():
-  out = _run("benchmarks/input_pipeline.py", "--images=8", "--seconds=0.3", "--workers=0", "--size=64")
-  assert "| tokenizer |" in out and "grain pipeline" in out
+  out = _run("benchmarks/input_pipeline.py", "--images=8", "--seconds=0.3", "--workers=0", "--size=64", "--profile")
+  assert "| tokenizer |" in out and "grain pipeline" in out and "| colour jitter |" in out
 
 
 # --- beitv2_jax/roofline.py: the kernel-level roofline that beitv2_jax.aot and --profile use -----------
