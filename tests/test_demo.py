@@ -53,7 +53,9 @@ def test_demo_quick_side_by_side(tmp_path, capsys):
     assert mim["mlm_acc_1"] > max(2 * mim["mlm_majority_acc"], mim["mlm_majority_acc"] + 0.03)
   for pic in ("training_curves.png", "token_maps.png"):
     assert os.path.getsize(os.path.join(wd, pic)) > 10_000
-  assert max(result["pretrained_knn"], result["random_knn"]) > result["random_init_knn"]
+  # every MIM encoder transfers to the digits better than the same encoder at random init (linear probe: 18.6-24.6%
+  # vs 14.8-15.1% in the runs seen; by k-NN the sides fell on both sides of random init, within noise)
+  assert min(result["pretrained_linprobe"], result["random_linprobe"]) > result["random_init_linprobe"], result
 
 
 def test_without_the_pretrained_teacher_the_demo_says_so_and_runs_the_random_side(capsys):

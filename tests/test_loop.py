@@ -21,17 +21,18 @@ def test_exact_resume_is_bit_identical(tmp_path):
 
 def test_restore_across_device_counts(tmp_path):
   """A checkpoint written on 8 devices resumes on 1 and the other way round; the result matches the
-  uninterrupted run on the other device count to 1e-5 (only reduction order differs)."""
+  uninterrupted run on the other device count to 5e-5 (only reduction order differs: Adam can turn its rounding
+  in a near-zero gradient into up to 1.5e-5, seen once in 16384 weights; a step off in the schedule is 1e-4)."""
   one = str(tmp_path / "one")
   entry.run(tokenizer_config(steps=8, **{"mesh.data": 1}), one)
   w8to1 = str(tmp_path / "8to1")
   entry.run(tokenizer_config(steps=8, stop_after_steps=4), w8to1)
   entry.run(tokenizer_config(steps=8, **{"mesh.data": 1}), w8to1)
-  assert_trees_equal(params_of(one)["params"], params_of(w8to1)["params"], atol=1e-5)
+  assert_trees_equal(params_of(one)["params"], params_of(w8to1)["params"], atol=5e-5)
   w1to8 = str(tmp_path / "1to8")
   entry.run(tokenizer_config(steps=8, stop_after_steps=4, **{"mesh.data": 1}), w1to8)
   entry.run(tokenizer_config(steps=8, **{"mesh.fsdp": 8}), w1to8)  # and onto an FSDP layout
-  assert_trees_equal(params_of(one)["params"], params_of(w1to8)["params"], atol=1e-5)
+  assert_trees_equal(params_of(one)["params"], params_of(w1to8)["params"], atol=5e-5)
 
 
 def _cli(workdir, *overrides):
