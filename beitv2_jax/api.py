@@ -316,11 +316,11 @@ def _jit_mim(module, m):
 
 
 def _jit_segmenter(module):
-  """The main head's logits resized to the input, as mmseg's encode_decode returns them."""
-  from beitv2_jax.models.upernet import resize_bilinear
+  """The main head's logits resized to the input."""
+  from beitv2_jax.seg_inference import segment_logits
 
   def logits(variables, x):
-    return resize_bilinear(module.apply(variables, x)[0].astype(jnp.float32), x.shape[1:3])
+    return segment_logits(module, variables, x, x.shape[1:3])
   return _cached(("seg", id(module)), lambda: jax.jit(logits), module)
 
 

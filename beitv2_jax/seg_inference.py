@@ -74,12 +74,17 @@ def normalised_images(windows_uint8: jax.Array, valid) -> jax.Array:
   return x if valid is None else x * valid[..., None].astype(x.dtype)
 
 
+def segment_logits(module, variables, images: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """A segmenter's main-head logits (auxiliary head dropped) in float32, resized to `size`, as mmseg's
+  encode_decode returns them."""
+  return resize_bilinear(module.apply(variables, images)[0].astype(jnp.float32), size)
+
+
 def window_scores_fn(module, crop: int) -> Callable:
   """jitted (variables, windows uint8 (n, crop, crop, 3), valid (n, crop, crop)) -> (n, crop, crop, C) float32
-  scores of a segmenter (its main head's logits resized to the crop, as mmseg's encode_decode)."""
+  scores of a segmenter (its main head's logits resized to the crop)."""
   def scores(variables, windows, valid):
-    logits = module.apply(variables, normalised_images(windows, valid))[0]
-    return resize_bilinear(logits.astype(jnp.float32), (crop, crop))
+    return segment_logits(module, variables, normalised_images(windows, valid), (crop, crop))
   return jax.jit(scores)
 
 

@@ -160,7 +160,8 @@ class OpTimer:
 
 def op_targets() -> list:
   """(object, attribute, op name) for every op the transforms of both sides spend time in."""
-  targets = [(transforms, "color_jitter_crop", "colour jitter"), (Image.Image, "crop", "crop"), (Image.Image, "resize", "resize"), (Image.Image, "transpose", "flip"),
+  targets = [(transforms, "color_jitter_crop", "colour jitter"), (Image.Image, "crop", "crop"),
+             (Image.Image, "resize", "resize"), (Image.Image, "transpose", "flip"),
              (transforms, "rand_augment", "RandAugment"), (transforms, "random_erasing_mask", "erasing"),
              (masking.MaskingGenerator, "__call__", "block mask"), (transforms, "as_uint8", "to array")]
   try:

@@ -77,7 +77,7 @@ class _EpochShuffle:
     self._lock = threading.Lock()
 
   def __getstate__(self):  # to grain's worker processes: without the lock and the drawn permutations
-    return {"source": self.source, "seed": self.seed, "n": self.n}
+    return {"source": self.source, "seed": self.seed}
 
   def __setstate__(self, state):
     self.__init__(state["source"], state["seed"])
