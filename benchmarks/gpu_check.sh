@@ -3,8 +3,9 @@
 # benchmarks (MIM with explicit vs cuDNN attention, optionally host input with and without device prefetch;
 # a profile of the MIM step with its kernel table and each source op against its roofline bound; VQ-KD;
 # fine-tune), the PyTorch peer of the MIM step (timm blocks, bf16 autocast, SDPA, fused AdamW; eager and
-# torch.compile) on the same GPU, the MIM step under other XLA flags, the cuDNN attention tests, and the
-# largest MIM batch with and without remat.
+# torch.compile) on the same GPU, the Pallas kernels against XLA (benchmarks/kernels.py), the MIM step under
+# other XLA flags, the cuDNN attention and compiled-kernel tests, and the largest MIM batch with and without
+# remat.
 # Each stage has its own time limit and appends JSON rows to $OUT/bench.jsonl as it measures them.
 #
 #   OUT=gpu_results bash benchmarks/gpu_check.sh
@@ -21,7 +22,7 @@ export JAX_PLATFORMS=cuda
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
 export JAX_COMPILATION_CACHE_DIR=/tmp/beitv2_jax_cache  # the max-batch stage recompiles shapes seen before
 PY=${PY:-python3}
-STAGES=${STAGES:-"pretrain profile torch_peer tokenizer_finetune xla_flags attention_tests max_batch"}  # or some
+STAGES=${STAGES:-"pretrain profile torch_peer tokenizer_finetune kernels xla_flags attention_tests max_batch"}  # or some
 
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -48,6 +49,8 @@ stage torch_peer "${T_TORCH:-150}" $PY benchmarks/torch_mim.py --size=base --bat
   --compile="${TORCH_COMPILE:-0,1}" --json "$OUT/bench.jsonl"
 stage tokenizer_finetune "${T_TOKFT:-120}" $PY benchmarks/train_step.py --size=base --tasks="${TOKFT_TASKS:-tokenizer,finetune}" \
   --attention="${TOKFT_ATTN:-auto}" --batch=256 --steps=10 --json "$OUT/bench.jsonl"
+# Pallas kernels (beitv2_jax/kernels) vs the XLA path they would replace, at ViT-B's shapes, side by side
+stage kernels "${T_KERNELS:-60}" $PY benchmarks/kernels.py --json "$OUT/bench.jsonl"
 # the MIM step under XLA flag sets (each its own process; ';'-separated), the row records the flags
 xla_flag_sets() {
   local IFS=';'
@@ -58,7 +61,7 @@ xla_flag_sets() {
 }
 export -f xla_flag_sets; export PY OUT
 stage xla_flags "${T_FLAGS:-100}" bash -c xla_flag_sets
-stage attention_tests "${T_TESTS:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py
+stage attention_tests "${T_TESTS:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_kernels.py
 stage max_batch "${T_MAXB:-110}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --max-batch \
   --remat="${MAXB_REMAT:-none,full}" --json "$OUT/bench.jsonl"
 echo "== done ($(date +%T))"

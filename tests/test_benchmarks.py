@@ -35,6 +35,18 @@ def test_input_pipeline_benchmark_smoke():
   assert "| tokenizer |" in out and "grain pipeline" in out and "| colour jitter |" in out
 
 
+def test_kernel_benchmark_smoke(tmp_path):
+  """benchmarks/kernels.py in interpret mode: both implementations, both directions, a row each in --json."""
+  out = _run("benchmarks/kernels.py", "--interpret", "--rows=64", "--width=48", "--steps=1",
+             f"--json={tmp_path / 'k.jsonl'}")
+  assert "residual add + LayerNorm, 64 x 48" in out
+  import json
+  rows = [json.loads(line) for line in open(tmp_path / "k.jsonl")]
+  assert [(r["impl"], r["direction"]) for r in rows] == [
+      ("xla", "forward"), ("xla", "forward+backward"), ("pallas", "forward"), ("pallas", "forward+backward")]
+  assert all(r["ms"] > 0 and r["interpret"] for r in rows)
+
+
 # --- beitv2_jax/roofline.py: the kernel-level roofline that beitv2_jax.aot and --profile use -----------
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from beitv2_jax import roofline as hlo_roofline  # noqa: E402
