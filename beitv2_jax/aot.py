@@ -342,7 +342,7 @@ def compile_task(task, tgt: Target, keep_text: bool = False) -> Result:
       if needed >= result.needed_bytes:
         result.needed_bytes, result.parts = needed, parts
       cost = compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}  # None from a deviceless GPU compile
       if i == 0:  # the train step (the others run once)
         result.xla_flops = float(cost.get("flops", 0.0))
         if keep_text:

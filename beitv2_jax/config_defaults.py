@@ -136,7 +136,9 @@ def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
 
   Execution fields (no effect on the math beyond rounding, never stored with a checkpoint): dtype of the
   matmuls, scan over blocks, remat policy, attention ("auto": cuDNN flash attention on GPUs in bf16, the
-  explicit XLA form elsewhere; "xla" | "cudnn" force one; see beitv2_jax/models/attention.py).
+  explicit XLA form elsewhere; "xla" | "cudnn" force one; see beitv2_jax/models/attention.py), add_norm
+  ("xla"; "pallas": each block's attention residual add and second LayerNorm in one Pallas kernel, same math,
+  one GPU; not yet measured faster, see benchmarks/kernels.py).
   """
   sizes = {
       "tiny": dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2),
@@ -147,7 +149,7 @@ def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
   if size not in sizes:
     raise ValueError(f"unknown model size {size!r}: expected one of {sorted(sizes)}")
   m = dict(sizes[size], mlp_ratio=4.0, dtype="float32", scan=False, remat="none",
-           attention="auto")
+           attention="auto", add_norm="xla")
   m.update(kw)
   return ml_collections.ConfigDict(m)
 
@@ -271,6 +273,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                 "decoder_embed_dim", "decoder_num_heads"):
     if field in m:
       need(m[field] >= 1, f"model.{field}", "must be >= 1")
+  if "add_norm" in m:  # models/vit.py: ADD_NORM
+    need(m.add_norm in ("xla", "pallas"), "model.add_norm", "must be 'xla' or 'pallas' (the fused residual add + "
+         "LayerNorm kernel)")
   if "embed_dim" in m and "num_heads" in m:
     need(m.embed_dim % m.num_heads == 0, "model.embed_dim", f"not divisible by model.num_heads={m.num_heads}")
   if "mask" in c and "img_size" in m:

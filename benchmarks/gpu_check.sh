@@ -3,9 +3,9 @@
 # benchmarks (MIM with explicit vs cuDNN attention, optionally host input with and without device prefetch;
 # a profile of the MIM step with its kernel table and each source op against its roofline bound; VQ-KD;
 # fine-tune), the PyTorch peer of the MIM step (timm blocks, bf16 autocast, SDPA, fused AdamW; eager and
-# torch.compile) on the same GPU, the Pallas kernels against XLA (benchmarks/kernels.py), the MIM step under
-# other XLA flags, the cuDNN attention and compiled-kernel tests, and the largest MIM batch with and without
-# remat.
+# torch.compile) on the same GPU, the Pallas kernels against XLA (benchmarks/kernels.py) and in the MIM step
+# (model.add_norm), the MIM step under other XLA flags, the cuDNN attention and compiled-kernel tests, and the
+# largest MIM batch with and without remat.
 # Each stage has its own time limit and appends JSON rows to $OUT/bench.jsonl as it measures them.
 #
 #   OUT=gpu_results bash benchmarks/gpu_check.sh
@@ -22,7 +22,7 @@ export JAX_PLATFORMS=cuda
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
 export JAX_COMPILATION_CACHE_DIR=/tmp/beitv2_jax_cache  # the max-batch stage recompiles shapes seen before
 PY=${PY:-python3}
-STAGES=${STAGES:-"pretrain profile torch_peer tokenizer_finetune kernels xla_flags attention_tests max_batch"}  # or some
+STAGES=${STAGES:-"pretrain profile torch_peer tokenizer_finetune kernels add_norm xla_flags attention_tests max_batch"}
 
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -51,6 +51,9 @@ stage tokenizer_finetune "${T_TOKFT:-120}" $PY benchmarks/train_step.py --size=b
   --attention="${TOKFT_ATTN:-auto}" --batch=256 --steps=10 --json "$OUT/bench.jsonl"
 # Pallas kernels (beitv2_jax/kernels) vs the XLA path they would replace, at ViT-B's shapes, side by side
 stage kernels "${T_KERNELS:-60}" $PY benchmarks/kernels.py --json "$OUT/bench.jsonl"
+# the MIM step with each block's residual add + norm2 in the Pallas kernel (model.add_norm) and without
+stage add_norm "${T_ADD_NORM:-120}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --batch="${PRE_BATCH:-256}" \
+  --steps=10 --attention=cudnn --add-norm=xla,pallas --json "$OUT/bench.jsonl"
 # the MIM step under XLA flag sets (each its own process; ';'-separated), the row records the flags
 xla_flag_sets() {
   local IFS=';'

@@ -82,3 +82,44 @@ def test_add_layernorm_compiled_for_the_gpu_equals_the_reference():
   cot = (jnp.ones_like(y), jnp.ones_like(n))
   for name, got, want in zip(("dx", "dh", "dgamma", "drow_scale", "dscale", "dbias"), vjp(cot), vjp_ref(cot)):
     _close(got, want, 2 ** -8 if name == "dh" else 1e-5, name)
+
+
+def test_model_with_the_fused_add_norm_equals_the_xla_blocks():
+  """model.add_norm="pallas" (interpret mode here) against "xla" on the tiny MIM model with layer scale and
+  drop path in training: the same parameter tree at init, the same losses' values and gradients (1e-5)."""
+  from beitv2_jax.models.mim import BEiTForMIM
+  backbone = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, init_values=0.1,
+                  drop_path_rate=0.2, use_mask_token=True, rel_pos="shared", final_norm="none",
+                  init_style="pretrain")
+  models = {impl: BEiTForMIM(backbone=backbone, vocab_size=32, early_layers=1, head_layers=1, add_norm=impl)
+            for impl in ("xla", "pallas")}
+  k = jax.random.split(jax.random.key(0), 4)
+  images = jax.random.normal(k[0], (2, 32, 32, 3))
+  mask = jnp.zeros((2, 64), bool).at[:, ::4].set(True)
+  params = {impl: m.init({"params": k[1], "dropout": k[2]}, images, mask, 16)["params"]
+            for impl, m in models.items()}
+  assert jax.tree.structure(params["xla"]) == jax.tree.structure(params["pallas"])
+  for a, b in zip(jax.tree.leaves(params["xla"]), jax.tree.leaves(params["pallas"])):
+    np.testing.assert_array_equal(a, b)
+
+  def loss(impl, p, rng):
+    main, agg = models[impl].apply({"params": p}, images, mask, 16, train=True, rngs={"dropout": rng})
+    return jnp.mean(main ** 2) + jnp.mean(jnp.tanh(agg))
+  for seed in range(3):  # drop-path draws differ per seed: some examples dropped, some kept
+    rng = jax.random.key(10 + seed)
+    want, g_want = jax.value_and_grad(lambda p: loss("xla", p, rng))(params["xla"])
+    got, g_got = jax.value_and_grad(lambda p: loss("pallas", p, rng))(params["xla"])
+    _close(got, want, 1e-5, "loss")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_got), jax.tree.leaves(g_want)):
+      _close(a, b, 1e-5, jax.tree_util.keystr(path))
+
+
+def test_an_unknown_add_norm_is_refused_before_anything_runs():
+  from beitv2_jax import config_defaults
+  from helpers import load_config
+  c = load_config("pretrain_tiny")
+  c.model.add_norm = "fused"
+  with pytest.raises(ValueError, match=r"model.add_norm='fused': must be 'xla' or 'pallas'"):
+    config_defaults.validate(c)
+  c.model.add_norm = "pallas"
+  config_defaults.validate(c)

@@ -15,7 +15,7 @@ the branch output again for each of its reductions. This kernel makes one pass o
 The mean and variance are two-pass over the row (the variance of y - mean), in float32.
 
 One row per program: a (D,) row, D <= 8192, read as one power-of-two block under a mask (Triton's blocks are
-powers of two; ViT-B's 768 is not). `interpret=True` runs the same kernels on any backend (tests on CPU).
+powers of two; ViT-B's 768 is not). Interpret mode runs the same kernels on any backend (tests on CPU).
 The math, written out without Pallas, is `add_layernorm_reference`; the tests hold the kernel to it.
 """
 from __future__ import annotations
@@ -84,12 +84,17 @@ def _block(width: int) -> int:
   return pl.next_power_of_2(width)
 
 
-def _per_row(kernel, out_shape, block: int, interpret: bool, name: str, in_axes):
+def _per_row(kernel, out_shape, block: int, interpret, name: str, in_axes):
   """A pallas_call on one row, vmapped over rows (vmap adds the grid axis). Triton's compiler parameters
-  select the Triton lowering on GPUs (as jax's own Pallas layer_norm: a warp per 256 columns, 1 to 8)."""
+  select the Triton lowering on GPUs (as jax's own Pallas layer_norm: a warp per 256 columns, 1 to 8).
+  interpret=None: the compiled kernel where the program is lowered for CUDA, interpret mode elsewhere (chosen
+  at lowering, so an ahead-of-time compile for a GPU on a CPU host gets the Triton kernel)."""
   params = plgpu.CompilerParams(num_warps=min(max(block // 256, 1), 8))
-  call = pl.pallas_call(kernel, out_shape=out_shape, grid=(), interpret=interpret, name=name, compiler_params=params)
-  return jax.vmap(call, in_axes=in_axes)
+  calls = {mode: jax.vmap(pl.pallas_call(kernel, out_shape=out_shape, grid=(), interpret=mode, name=name,
+                                         compiler_params=params), in_axes=in_axes) for mode in (False, True)}
+  if interpret is not None:
+    return calls[bool(interpret)]
+  return lambda *args: jax.lax.platform_dependent(*args, cuda=calls[False], default=calls[True])
 
 
 def _forward(x, h, gamma, row_scale, scale, bias, eps, out_dtype, interpret):
@@ -107,9 +112,10 @@ def _forward(x, h, gamma, row_scale, scale, bias, eps, out_dtype, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def add_layernorm(x, h, gamma, row_scale, scale, bias, eps: float = 1e-6, out_dtype=jnp.float32,
-                  interpret: bool = False):
+                  interpret: bool | None = None):
   """(y, n): the new residual stream y = x + row_scale * gamma * h (float32) and LN(y) in out_dtype.
-  x: (..., D) float32; h: (..., D) any float dtype; gamma, scale, bias: (D,); row_scale: x.shape[:-1]."""
+  x: (..., D) float32; h: (..., D) any float dtype; gamma, scale, bias: (D,); row_scale: x.shape[:-1].
+  interpret: None compiles the kernel for CUDA and interprets it on other platforms; True / False force."""
   y, n, _, _ = _forward(x, h, gamma, row_scale, scale, bias, eps, out_dtype, interpret)
   return y, n
 

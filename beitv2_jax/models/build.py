@@ -20,8 +20,9 @@ import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-# How the blocks run: the matmul dtype, scan over blocks, the remat policy, the attention kernel.
-EXECUTION_FIELDS = ("dtype", "scan", "remat", "attention")
+# How the blocks run: the matmul dtype, scan over blocks, the remat policy, the attention kernel, the
+# residual add + norm kernel.
+EXECUTION_FIELDS = ("dtype", "scan", "remat", "attention", "add_norm")
 
 
 def dtype_of(name: str | Any):

@@ -146,6 +146,7 @@ class UperNetBEiT(nn.Module):
   scan: bool = False
   remat: str = "none"
   attention: str = "auto"
+  add_norm: str = "xla"
 
   def backbone(self) -> VisionTransformer:
     return VisionTransformer(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
@@ -153,7 +154,7 @@ class UperNetBEiT(nn.Module):
                              use_abs_pos_emb=False, rel_pos="layer", init_values=self.init_values,
                              drop_path_rate=self.drop_path_rate, final_norm="none", init_style="finetune",
                              dtype=self.dtype, scan=self.scan, remat=self.remat, attention=self.attention,
-                             name="backbone")
+                             add_norm=self.add_norm, name="backbone")
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> tuple[Array, Array]:

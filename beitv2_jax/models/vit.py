@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from beitv2_jax.kernels.add_layernorm import add_layernorm
 from beitv2_jax.models import attention as attention_lib
 
 Array = jax.Array
@@ -190,6 +191,13 @@ class Mlp(nn.Module):
     return nn.Dense(d, kernel_init=kinit, bias_init=binit(self.hidden), dtype=self.dtype, name="fc2")(x)
 
 
+def drop_path_scale(batch: int, rate: Array | float, rng: Array) -> Array:
+  """(batch,) float32: drop_path's factor per example (0, or 1 / keep), the same draw as drop_path's."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (batch,))
+  return jnp.where(mask, 1.0 / jnp.maximum(keep, 1e-12), 0.0)
+
+
 def drop_path(x: Array, rate: Array | float, rng: Array) -> Array:
   """timm drop_path: drop whole samples, rescale survivors by 1/keep."""
   keep = 1.0 - rate
@@ -197,8 +205,39 @@ def drop_path(x: Array, rate: Array | float, rng: Array) -> Array:
   return jnp.where(mask, x / jnp.maximum(keep, 1e-12), 0).astype(x.dtype)
 
 
+ADD_NORM = ("xla", "pallas")
+
+
+def check_add_norm(add_norm: str) -> bool:
+  """True for the Pallas residual add + LayerNorm. "pallas" is a Triton kernel: GPUs run it compiled, CPUs in
+  interpret mode (tests); XLA cannot partition its call, so on GPUs it runs on one device for now."""
+  if add_norm not in ADD_NORM:
+    raise ValueError(f"model.add_norm={add_norm!r}: expected one of {ADD_NORM}")
+  if add_norm == "pallas" and jax.default_backend() == "tpu":
+    raise ValueError("model.add_norm='pallas' is a Triton kernel (GPUs); on TPUs use 'xla'")
+  if add_norm == "pallas" and jax.default_backend() == "gpu" and jax.device_count() > 1:
+    raise ValueError(f"model.add_norm='pallas' runs on one GPU for now ({jax.device_count()} here: XLA cannot "
+                     "partition the Triton call); use 'xla'")
+  return add_norm == "pallas"
+
+
+class AddNorm(nn.Module):
+  """(x + row_scale * gamma * h, LayerNorm of that sum) in one Pallas kernel (kernels/add_layernorm.py), with
+  nn.LayerNorm's parameters (`scale`, `bias`): the same checkpoint as the unfused block."""
+
+  @nn.compact
+  def __call__(self, x: Array, h: Array, gamma: Array, row_scale: Array, out_dtype) -> tuple[Array, Array]:
+    d = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (d,))
+    bias = self.param("bias", nn.initializers.zeros, (d,))
+    return add_layernorm(x, h, gamma, row_scale, scale, bias, LN_EPS, out_dtype)  # compiled on CUDA only
+
+
 class Block(nn.Module):
-  """Pre-LN block: x + DropPath(gamma_1 * Attn(LN(x))), x + DropPath(gamma_2 * MLP(LN(x)))."""
+  """Pre-LN block: x + DropPath(gamma_1 * Attn(LN(x))), x + DropPath(gamma_2 * MLP(LN(x))).
+
+  add_norm="pallas" computes the attention branch's residual add and norm2 in one kernel (same math; drop
+  path as a per-example scale 0 or 1 / keep)."""
   num_heads: int
   mlp_ratio: float = 4.0
   init_values: float = 0.0  # 0 -> no layer scale
@@ -207,23 +246,34 @@ class Block(nn.Module):
   init_style: str = "finetune"
   dtype: Any = jnp.float32
   attention: str = "auto"
+  add_norm: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array, rel_pos_bias: Optional[Array] = None, drop_path_rate: Array | float = 0.0,
                train: bool = False) -> Array:
     d = x.shape[-1]
     ln = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name=name)
-    branches = [
-        ("1", lambda y: Attention(self.num_heads, self.window, self.init_style, self.dtype, self.attention,
-                                      name="attn")(
-            y, rel_pos_bias)),
-        ("2", lambda y: Mlp(int(d * self.mlp_ratio), self.init_style, self.dtype, name="mlp")(y)),
-    ]
-    for i, fn in branches:
-      y = fn(ln(f"norm{i}")(x).astype(self.dtype)).astype(jnp.float32)
-      if self.init_values > 0:
-        y = y * self.param(f"gamma_{i}", nn.initializers.constant(self.init_values), (d,))
-      if train and self.use_drop_path:
+    attn = Attention(self.num_heads, self.window, self.init_style, self.dtype, self.attention, name="attn")
+    mlp = Mlp(int(d * self.mlp_ratio), self.init_style, self.dtype, name="mlp")
+    gamma = lambda i: (self.param(f"gamma_{i}", nn.initializers.constant(self.init_values), (d,))
+                       if self.init_values > 0 else None)
+    dropping = train and self.use_drop_path
+    if check_add_norm(self.add_norm):
+      h = attn(ln("norm1")(x).astype(self.dtype), rel_pos_bias)
+      row_scale = (drop_path_scale(x.shape[0], drop_path_rate, self.make_rng("dropout"))[:, None]
+                   * jnp.ones(x.shape[:2]) if dropping else jnp.ones(x.shape[:2]))
+      g1 = gamma(1)
+      x, n2 = AddNorm(name="norm2")(x, h, jnp.ones((d,)) if g1 is None else g1, row_scale, self.dtype)
+      branches = [("2", mlp, lambda _: n2)]
+    else:
+      branches = [("1", lambda y: attn(y, rel_pos_bias), lambda x: ln("norm1")(x).astype(self.dtype)),
+                  ("2", mlp, lambda x: ln("norm2")(x).astype(self.dtype))]
+    for i, fn, norm in branches:
+      y = fn(norm(x)).astype(jnp.float32)
+      g = gamma(i)
+      if g is not None:
+        y = y * g
+      if dropping:
         y = drop_path(y, drop_path_rate, self.make_rng("dropout"))
       x = x + y
     return x
@@ -301,6 +351,7 @@ class VisionTransformer(nn.Module):
   scan: bool = False
   remat: str = "none"
   attention: str = "auto"  # an execution choice like dtype: never stored with a checkpoint
+  add_norm: str = "xla"    # "pallas": Block's fused residual add + norm2 (execution, like attention)
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -310,7 +361,7 @@ class VisionTransformer(nn.Module):
     return dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, init_values=self.init_values,
                 window=self.grid if self.rel_pos == "layer" else None,
                 use_drop_path=self.drop_path_rate > 0, init_style=init_style or self.init_style,
-                dtype=self.dtype, attention=self.attention)
+                dtype=self.dtype, attention=self.attention, add_norm=self.add_norm)
 
   def embed(self, images: Array, mask: Optional[Array]) -> Array:
     if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:

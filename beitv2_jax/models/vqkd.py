@@ -59,10 +59,12 @@ class VQKD(nn.Module):
   teacher_dim: int = 512
   dtype: Any = jnp.float32
   attention: str = "auto"
+  add_norm: str = "xla"
 
   def setup(self):
-    self.enc = VisionTransformer(**self.encoder, dtype=self.dtype, attention=self.attention, name="encoder")
-    self.dec = VisionTransformer(**self.decoder, dtype=self.dtype, attention=self.attention, name="decoder")
+    run = dict(dtype=self.dtype, attention=self.attention, add_norm=self.add_norm)
+    self.enc = VisionTransformer(**self.encoder, **run, name="encoder")
+    self.dec = VisionTransformer(**self.decoder, **run, name="decoder")
     dense = lambda n, name: nn.Dense(n, kernel_init=trunc_normal(0.02), dtype=jnp.float32, name=name)
     d_enc, d_dec = self.encoder["embed_dim"], self.decoder["embed_dim"]
     self.encode_task_layer_0 = dense(d_enc, "encode_task_layer_0")
