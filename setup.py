@@ -10,7 +10,7 @@ setup(
         "jax>=0.10",
         "flax>=0.12",
         "optax>=0.2.8",
-        "orbax-checkpoint>=0.12",
+        "orbax-checkpoint>=0.12,<0.13",  # checkpoint.py reads one orbax-internal module
         "grain>=0.2.18",
         "tensorflow-datasets>=4.9.10",
         "ml_collections>=1.1",

@@ -84,6 +84,7 @@ def test_add_layernorm_compiled_for_the_gpu_equals_the_reference():
     _close(got, want, 2 ** -8 if name == "dh" else 1e-5, name)
 
 
+@jax.default_matmul_precision("highest")  # float32 matmuls as float32 on GPUs too (gpu_check.sh runs this file)
 def test_model_with_the_fused_add_norm_equals_the_xla_blocks():
   """model.add_norm="pallas" (interpret mode here) against "xla" on the tiny MIM model with layer scale and
   drop path in training: the same parameter tree at init, the same losses' values and gradients (1e-5)."""
@@ -123,3 +124,9 @@ def test_an_unknown_add_norm_is_refused_before_anything_runs():
     config_defaults.validate(c)
   c.model.add_norm = "pallas"
   config_defaults.validate(c)
+
+
+def test_add_layernorm_refuses_a_residual_stream_that_is_not_float32():
+  x, h, gamma, row_scale, scale, bias = _inputs(48, jnp.float32)
+  with pytest.raises(TypeError, match="x must be float32 .* got bfloat16"):
+    add_layernorm(x.astype(jnp.bfloat16), h, gamma, row_scale, scale, bias, EPS, jnp.float32, True)

@@ -98,6 +98,8 @@ def _per_row(kernel, out_shape, block: int, interpret, name: str, in_axes):
 
 
 def _forward(x, h, gamma, row_scale, scale, bias, eps, out_dtype, interpret):
+  if x.dtype != jnp.float32:  # y and dx are float32: the residual stream's dtype
+    raise TypeError(f"add_layernorm: x must be float32 (the residual stream), got {x.dtype}")
   width = x.shape[-1]
   rows = (x.reshape(-1, width), h.reshape(-1, width), row_scale.reshape(-1))
   block = _block(width)

@@ -215,6 +215,8 @@ def check_add_norm(add_norm: str) -> bool:
     raise ValueError(f"model.add_norm={add_norm!r}: expected one of {ADD_NORM}")
   if add_norm == "pallas" and jax.default_backend() == "tpu":
     raise ValueError("model.add_norm='pallas' is a Triton kernel (GPUs); on TPUs use 'xla'")
+  if add_norm == "pallas" and jax.default_backend() == "gpu" and jax.devices()[0].platform != "cuda":
+    raise ValueError("model.add_norm='pallas' is compiled for NVIDIA GPUs only; use 'xla'")
   if add_norm == "pallas" and jax.default_backend() == "gpu" and jax.device_count() > 1:
     raise ValueError(f"model.add_norm='pallas' runs on one GPU for now ({jax.device_count()} here: XLA cannot "
                      "partition the Triton call); use 'xla'")
