@@ -525,6 +525,11 @@ def main(argv):
     from beitv2_jax.config_defaults import validate
     validate(config)
     tgt = target(FLAGS.target)
+    if "add_norm" in config.model:  # refused for the target, not for this host (whose CPU would interpret it)
+      from beitv2_jax.models.vit import check_add_norm
+      gpu = tgt.name.startswith("gpu:")
+      check_add_norm(config.model.add_norm, backend="gpu" if gpu else "tpu", platform="cuda" if gpu else "tpu",
+                     device_count=len(tgt.devices))
   except (ValueError, ModuleNotFoundError, KeyError) as e:
     _exit(2, f"error: {one_line(e)}")
   try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ml_collections
 
 from beitv2_jax import tasks
+from beitv2_jax.models.build import ADD_NORM
 
 
 def base(task: str) -> ml_collections.ConfigDict:
@@ -273,9 +274,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                 "decoder_embed_dim", "decoder_num_heads"):
     if field in m:
       need(m[field] >= 1, f"model.{field}", "must be >= 1")
-  if "add_norm" in m:  # models/vit.py: ADD_NORM
-    need(m.add_norm in ("xla", "pallas"), "model.add_norm", "must be 'xla' or 'pallas' (the fused residual add + "
-         "LayerNorm kernel)")
+  if "add_norm" in m:
+    need(m.add_norm in ADD_NORM, "model.add_norm", f"must be one of {ADD_NORM} ('pallas': the fused residual "
+         "add + LayerNorm kernel)")
   if "embed_dim" in m and "num_heads" in m:
     need(m.embed_dim % m.num_heads == 0, "model.embed_dim", f"not divisible by model.num_heads={m.num_heads}")
   if "mask" in c and "img_size" in m:

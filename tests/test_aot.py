@@ -135,6 +135,7 @@ def test_a_config_that_does_not_fit_is_a_result_with_the_flag_that_fits():
 
 
 def test_bad_targets_and_missing_compilers_are_one_line(monkeypatch):
+  has_libtpu = importlib.util.find_spec("libtpu") is not None
   with pytest.raises(ValueError, match=r"unknown target 'tpu:v9-8': use gpu:h100.*v4-8/16/32/64.*v5e-1/4/8"):
     aot.target("tpu:v9-8")
   with pytest.raises(ValueError, match="unknown target"):
@@ -145,6 +146,9 @@ def test_bad_targets_and_missing_compilers_are_one_line(monkeypatch):
   r = _aot("--config=configs/pretrain_tiny.py", "--target=tpu:v4-33", timeout=120)
   assert r.returncode == 2 and "unknown target 'tpu:v4-33'" in r.stderr and "Traceback" not in r.stderr
   assert len(r.stderr.strip().splitlines()) == 1
+  if has_libtpu:  # the Triton kernel is refused for a TPU target, not interpreted
+    r = _aot("--config=configs/pretrain_tiny.py", "--target=tpu:v4-8", "--config.model.add_norm=pallas", timeout=120)
+    assert r.returncode == 2 and "Triton kernel (GPUs); on TPUs use 'xla'" in r.stderr, r.stdout + r.stderr
 
 
 def test_gpu_target_compiles_for_an_h100_or_says_what_to_install():

@@ -120,10 +120,23 @@ def test_an_unknown_add_norm_is_refused_before_anything_runs():
   from helpers import load_config
   c = load_config("pretrain_tiny")
   c.model.add_norm = "fused"
-  with pytest.raises(ValueError, match=r"model.add_norm='fused': must be 'xla' or 'pallas'"):
+  with pytest.raises(ValueError, match=r"model.add_norm='fused': must be one of \('xla', 'pallas'\)"):
     config_defaults.validate(c)
   c.model.add_norm = "pallas"
   config_defaults.validate(c)
+
+
+def test_the_fused_add_norm_is_refused_where_it_cannot_run_compiled():
+  """The process's backend by default, or a compile target's (beitv2_jax.aot from a CPU host)."""
+  from beitv2_jax.models.vit import check_add_norm
+  assert check_add_norm("pallas") and not check_add_norm("xla")  # CPU here: interpret mode
+  assert check_add_norm("pallas", backend="gpu", platform="cuda", device_count=1)
+  for where, why in ((dict(backend="tpu"), "Triton kernel .*on TPUs use 'xla'"),
+                     (dict(backend="gpu", platform="rocm", device_count=1), "NVIDIA GPUs only"),
+                     (dict(backend="gpu", platform="cuda", device_count=2), "one GPU for now \\(2 here")):
+    with pytest.raises(ValueError, match=why):
+      check_add_norm("pallas", **where)
+    assert not check_add_norm("xla", **where)
 
 
 def test_add_layernorm_refuses_a_residual_stream_that_is_not_float32():

@@ -23,6 +23,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # How the blocks run: the matmul dtype, scan over blocks, the remat policy, the attention kernel, the
 # residual add + norm kernel.
 EXECUTION_FIELDS = ("dtype", "scan", "remat", "attention", "add_norm")
+# model.add_norm: XLA's fusions, or the Pallas (Triton) residual add + LayerNorm kernel (kernels/add_layernorm.py)
+ADD_NORM = ("xla", "pallas")
 
 
 def dtype_of(name: str | Any):

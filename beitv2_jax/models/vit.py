@@ -19,6 +19,7 @@ import numpy as np
 
 from beitv2_jax.kernels.add_layernorm import add_layernorm
 from beitv2_jax.models import attention as attention_lib
+from beitv2_jax.models.build import ADD_NORM
 
 Array = jax.Array
 LN_EPS = 1e-6  # official BEiT; HF's BeitConfig default (1e-12) is wrong for these weights.
@@ -205,22 +206,25 @@ def drop_path(x: Array, rate: Array | float, rng: Array) -> Array:
   return jnp.where(mask, x / jnp.maximum(keep, 1e-12), 0).astype(x.dtype)
 
 
-ADD_NORM = ("xla", "pallas")
-
-
-def check_add_norm(add_norm: str) -> bool:
+def check_add_norm(add_norm: str, backend: str | None = None, platform: str | None = None,
+                   device_count: int | None = None) -> bool:
   """True for the Pallas residual add + LayerNorm. "pallas" is a Triton kernel: GPUs run it compiled, CPUs in
-  interpret mode (tests); XLA cannot partition its call, so on GPUs it runs on one device for now."""
+  interpret mode (tests); XLA cannot partition its call, so on GPUs it runs on one device for now. The backend,
+  device platform and count are this process's, or a compile target's (beitv2_jax.aot)."""
   if add_norm not in ADD_NORM:
     raise ValueError(f"model.add_norm={add_norm!r}: expected one of {ADD_NORM}")
-  if add_norm == "pallas" and jax.default_backend() == "tpu":
+  if add_norm != "pallas":
+    return False
+  backend = backend or jax.default_backend()
+  if backend == "tpu":
     raise ValueError("model.add_norm='pallas' is a Triton kernel (GPUs); on TPUs use 'xla'")
-  if add_norm == "pallas" and jax.default_backend() == "gpu" and jax.devices()[0].platform != "cuda":
+  if backend == "gpu" and (platform or jax.devices()[0].platform) != "cuda":
     raise ValueError("model.add_norm='pallas' is compiled for NVIDIA GPUs only; use 'xla'")
-  if add_norm == "pallas" and jax.default_backend() == "gpu" and jax.device_count() > 1:
-    raise ValueError(f"model.add_norm='pallas' runs on one GPU for now ({jax.device_count()} here: XLA cannot "
+  count = device_count or jax.device_count()
+  if backend == "gpu" and count > 1:
+    raise ValueError(f"model.add_norm='pallas' runs on one GPU for now ({count} here: XLA cannot "
                      "partition the Triton call); use 'xla'")
-  return add_norm == "pallas"
+  return True
 
 
 class AddNorm(nn.Module):
