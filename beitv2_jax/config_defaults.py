@@ -12,7 +12,7 @@ from __future__ import annotations
 import ml_collections
 
 from beitv2_jax import tasks
-from beitv2_jax.models.build import ADD_NORM
+from beitv2_jax.models.build import ADD_NORM, RESIDUAL_DTYPES
 
 
 def base(task: str) -> ml_collections.ConfigDict:
@@ -139,7 +139,9 @@ def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
   matmuls, scan over blocks, remat policy, attention ("auto": cuDNN flash attention on GPUs in bf16, the
   explicit XLA form elsewhere; "xla" | "cudnn" force one; see beitv2_jax/models/attention.py), add_norm
   ("xla"; "pallas": each block's attention residual add and second LayerNorm in one Pallas kernel, same math,
-  one GPU; not yet measured faster, see benchmarks/kernels.py).
+  one GPU; not yet measured faster, see benchmarks/kernels.py). residual_dtype ("float32", the official
+  numerics; "bfloat16" carries the stream between blocks in bf16, an opt-in that changes the rounding: its
+  effect on training is in benchmarks/RESULTS.md) is the one execution field that is not the same math.
   """
   sizes = {
       "tiny": dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2),
@@ -150,7 +152,7 @@ def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
   if size not in sizes:
     raise ValueError(f"unknown model size {size!r}: expected one of {sorted(sizes)}")
   m = dict(sizes[size], mlp_ratio=4.0, dtype="float32", scan=False, remat="none",
-           attention="auto", add_norm="xla")
+           attention="auto", add_norm="xla", residual_dtype="float32")
   m.update(kw)
   return ml_collections.ConfigDict(m)
 
@@ -277,6 +279,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if "add_norm" in m:
     need(m.add_norm in ADD_NORM, "model.add_norm", f"must be one of {ADD_NORM} ('pallas': the fused residual "
          "add + LayerNorm kernel)")
+  if "residual_dtype" in m:
+    need(m.residual_dtype in RESIDUAL_DTYPES, "model.residual_dtype", f"must be one of {RESIDUAL_DTYPES}")
+    need(m.residual_dtype == "float32" or m.get("add_norm") != "pallas", "model.residual_dtype",
+         "must be 'float32' with model.add_norm='pallas' (the kernel's residual stream is float32)")
   if "embed_dim" in m and "num_heads" in m:
     need(m.embed_dim % m.num_heads == 0, "model.embed_dim", f"not divisible by model.num_heads={m.num_heads}")
   if "mask" in c and "img_size" in m:

@@ -30,6 +30,28 @@ def test_train_step_benchmark_smoke(tmp_path):
       assert math.isfinite(value) and value > 0
 
 
+def test_residual_precision_benchmark_sets_up_its_runs_and_its_table(tmp_path):
+  """benchmarks/residual_precision.py without training (its 300-step runs are minutes): the demo's tiny MIM
+  in bf16 matmuls, the residual setting reaching the task's model through the config, and the table's means."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import jax.numpy as jnp
+  import residual_precision
+  from beitv2_jax import tasks
+  from beitv2_jax.config_defaults import with_updates
+  tok, pt = residual_precision.configs(steps=300, tokenizer_steps=100)
+  assert tok.total_steps == 100 and tok.teacher == "random"
+  assert (pt.total_steps, pt.log_every_steps, pt.model.dtype, pt.model.residual_dtype) == (300, 50, "bfloat16", "float32")
+  c = with_updates(pt, {"tokenizer_path": "random", "model.residual_dtype": "bfloat16"})
+  task = tasks.task_class("pretrain")(c, str(tmp_path), None)
+  assert task.model.residual_dtype == jnp.bfloat16 and task.model.dtype == jnp.bfloat16
+  rows = [dict(residual=r, seed=seed, steps=[50, 100], loss=[10.0 + seed, 8.0 + seed + (r == "bfloat16")],
+               mlm_acc_1=0.1 + 0.01 * seed, majority=0.04, eval_mlm_acc_1=0.05) for seed in (0, 1)
+          for r in residual_precision.SETTINGS]
+  table = residual_precision.table(rows)
+  assert "| float32, mean of 2 | | 10.5000 | 8.5000 | 0.1050 (seeds 0.1000-0.1100) | | 0.0500 |" in table
+  assert "| bfloat16, mean of 2 | | 10.5000 | 9.5000 |" in table and "| loss @50 | loss @100 |" in table
+
+
 def test_input_pipeline_benchmark_smoke():
   out = _run("benchmarks/input_pipeline.py", "--images=8", "--seconds=0.3", "--workers=0", "--size=64", "--profile")
   assert "| tokenizer |" in out and "grain pipeline" in out and "| colour jitter |" in out

@@ -209,3 +209,55 @@ def test_resize_rel_pos_table_follows_the_official_geometric_grid(src_window, ds
   poly_scale = np.abs(want[0]).max()
   np.testing.assert_allclose(out[:-3, 0], want[0], atol=1e-4 * poly_scale, rtol=0)
   np.testing.assert_allclose(out[:-3, 1], want[1], atol=3e-3, rtol=0)
+
+
+def test_a_bfloat16_residual_stream_changes_the_rounding_only():
+  """model.residual_dtype="bfloat16" (opt-in): the tiny MIM model keeps its parameter tree, carries its blocks'
+  outputs in bfloat16 (the bytes it saves; scanned blocks too), ends the stream in float32, and its loss and
+  gradients stay within bfloat16's rounding of the float32 stream's (2% here; the effect on training:
+  benchmarks/residual_precision.py, in benchmarks/RESULTS.md)."""
+  from beitv2_jax.models.mim import BEiTForMIM
+  backbone = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, init_values=0.1,
+                  drop_path_rate=0.1, use_mask_token=True, rel_pos="shared", final_norm="none",
+                  init_style="pretrain")
+  models = {r: BEiTForMIM(backbone=backbone, vocab_size=32, early_layers=1, head_layers=1, residual_dtype=r)
+            for r in (jnp.float32, jnp.bfloat16)}
+  k = jax.random.split(jax.random.key(0), 4)
+  images = jax.random.normal(k[0], (4, 32, 32, 3))
+  mask = jnp.zeros((4, 64), bool).at[:, ::3].set(True)
+  init = {r: jax.jit(m.init, static_argnums=3)({"params": k[1], "dropout": k[2]}, images, mask, 22)["params"]
+          for r, m in models.items()}
+  assert jax.tree.structure(init[jnp.float32]) == jax.tree.structure(init[jnp.bfloat16])
+  params = init[jnp.float32]
+  out = {r: jax.jit(m.vit_module().apply)({"params": params["backbone"]}, images, mask) for r, m in models.items()}
+  assert out[jnp.float32]["hidden"].dtype == jnp.float32 and out[jnp.bfloat16]["hidden"].dtype == jnp.bfloat16
+  assert out[jnp.bfloat16]["x"].dtype == jnp.float32
+  assert not np.array_equal(out[jnp.float32]["x"], out[jnp.bfloat16]["x"])  # the knob does round
+  scanned = BEiTForMIM(backbone=backbone, vocab_size=32, early_layers=1, head_layers=1, scan=True,
+                       residual_dtype=jnp.bfloat16).vit_module()  # nn.scan's carry in bfloat16
+  shapes = jax.eval_shape(lambda: scanned.apply(scanned.init(k[1], images, mask), images, mask))
+  assert shapes["hidden"].dtype == jnp.bfloat16 and shapes["x"].dtype == jnp.float32
+
+  def loss(r, p):
+    main, agg = models[r].apply({"params": p}, images, mask, 22, train=True, rngs={"dropout": k[3]})
+    return jnp.mean(jax.nn.log_softmax(main)[..., 0]) + jnp.mean(jax.nn.log_softmax(agg)[..., 1])
+  (want, g_want), (got, g_got) = [jax.jit(jax.value_and_grad(lambda p, r=r: loss(r, p)))(params)
+                                  for r in (jnp.float32, jnp.bfloat16)]
+  assert abs(float(got - want)) < 0.02 * abs(float(want)), (got, want)
+  a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]) for g in (g_got, g_want))
+  assert np.linalg.norm(a - b) < 0.02 * np.linalg.norm(b), np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def test_residual_dtype_values_are_checked_with_the_config():
+  from beitv2_jax import config_defaults
+  from helpers import load_config
+  c = load_config("pretrain_tiny")
+  assert c.model.residual_dtype == "float32"  # the official numerics by default
+  c.model.residual_dtype = "float16"
+  with pytest.raises(ValueError, match=r"model.residual_dtype='float16': must be one of \('float32', 'bfloat16'\)"):
+    config_defaults.validate(c)
+  c.model.residual_dtype, c.model.add_norm = "bfloat16", "pallas"
+  with pytest.raises(ValueError, match="must be 'float32' with model.add_norm='pallas'"):
+    config_defaults.validate(c)
+  c.model.add_norm = "xla"
+  config_defaults.validate(c)

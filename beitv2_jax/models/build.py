@@ -22,7 +22,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 # How the blocks run: the matmul dtype, scan over blocks, the remat policy, the attention kernel, the
 # residual add + norm kernel.
-EXECUTION_FIELDS = ("dtype", "scan", "remat", "attention", "add_norm")
+EXECUTION_FIELDS = ("dtype", "scan", "remat", "attention", "add_norm", "residual_dtype")
+# model.residual_dtype: the residual stream between blocks (bfloat16: opt-in, not the official numerics)
+RESIDUAL_DTYPES = ("float32", "bfloat16")
 # model.add_norm: XLA's fusions, or the Pallas (Triton) residual add + LayerNorm kernel (kernels/add_layernorm.py)
 ADD_NORM = ("xla", "pallas")
 
@@ -40,8 +42,9 @@ def split_execution(model_config) -> tuple[dict, dict]:
   """`config.model` -> (architecture fields, execution fields with the dtype resolved)."""
   fields = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
   run = {k: fields.pop(k) for k in EXECUTION_FIELDS if k in fields}
-  if "dtype" in run:
-    run["dtype"] = dtype_of(run["dtype"])
+  for key in ("dtype", "residual_dtype"):
+    if key in run:
+      run[key] = dtype_of(run[key])
   return fields, run
 
 

@@ -62,12 +62,14 @@ class BEiTForMIM(nn.Module):
   remat: str = "none"
   attention: str = "auto"
   add_norm: str = "xla"
+  residual_dtype: Any = jnp.float32
 
   def setup(self):
     if not 0 < self.early_layers <= self.backbone["depth"]:
       raise ValueError(f"early_layers={self.early_layers} must be in [1, depth={self.backbone['depth']}]")
     self.vit = VisionTransformer(**self.backbone, dtype=self.dtype, scan=self.scan, remat=self.remat,
-                                 attention=self.attention, add_norm=self.add_norm, name="backbone")
+                                 attention=self.attention, add_norm=self.add_norm,
+                                 residual_dtype=self.residual_dtype, name="backbone")
     self.norm = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name="norm")
     self.lm_head = nn.Dense(self.vocab_size, kernel_init=trunc_normal(0.02, 1.0), dtype=self.dtype,
                             name="lm_head")
@@ -77,7 +79,8 @@ class BEiTForMIM(nn.Module):
     self.cls_pt_layers = [
         Block(num_heads=b["num_heads"], mlp_ratio=b.get("mlp_ratio", 4.0), init_values=b["init_values"],
               use_drop_path=b.get("drop_path_rate", 0.0) > 0, init_style=self.agg_init_style,
-              dtype=self.dtype, attention=self.attention, add_norm=self.add_norm, name=f"cls_pt_layers_{j}")
+              dtype=self.dtype, attention=self.attention, add_norm=self.add_norm,
+              residual_dtype=self.residual_dtype, name=f"cls_pt_layers_{j}")
         for j in range(self.head_layers)]
 
   def logits(self, tokens: Array, idx: Array) -> Array:
@@ -101,7 +104,8 @@ class BEiTForMIM(nn.Module):
   def vit_module(self) -> VisionTransformer:
     """The backbone as a standalone module (params: this model's `backbone` subtree)."""
     return VisionTransformer(**self.backbone, dtype=self.dtype, scan=self.scan, remat=self.remat,
-                             attention=self.attention, add_norm=self.add_norm, parent=None)
+                             attention=self.attention, add_norm=self.add_norm,
+                             residual_dtype=self.residual_dtype, parent=None)
 
   def fix_init(self, params: dict) -> dict:
     params = dict(params)

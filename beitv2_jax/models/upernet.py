@@ -147,6 +147,7 @@ class UperNetBEiT(nn.Module):
   remat: str = "none"
   attention: str = "auto"
   add_norm: str = "xla"
+  residual_dtype: Any = jnp.float32
 
   def backbone(self) -> VisionTransformer:
     return VisionTransformer(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
@@ -154,14 +155,14 @@ class UperNetBEiT(nn.Module):
                              use_abs_pos_emb=False, rel_pos="layer", init_values=self.init_values,
                              drop_path_rate=self.drop_path_rate, final_norm="none", init_style="finetune",
                              dtype=self.dtype, scan=self.scan, remat=self.remat, attention=self.attention,
-                             add_norm=self.add_norm, name="backbone")
+                             add_norm=self.add_norm, residual_dtype=self.residual_dtype, name="backbone")
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> tuple[Array, Array]:
     b, h, w, _ = images.shape
     gh, gw = h // self.patch_size, w // self.patch_size
     hidden = self.backbone()(images, train=train)["hidden"]
-    maps = [hidden[i][:, 1:].reshape(b, gh, gw, self.embed_dim) for i in self.out_indices]
+    maps = [hidden[i][:, 1:].astype(jnp.float32).reshape(b, gh, gw, self.embed_dim) for i in self.out_indices]
     d = self.embed_dim
     x = ConvTranspose2x(d, self.dtype, name="fpn1_0")(maps[0])
     x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=jnp.float32,

@@ -243,7 +243,8 @@ class Block(nn.Module):
   """Pre-LN block: x + DropPath(gamma_1 * Attn(LN(x))), x + DropPath(gamma_2 * MLP(LN(x))).
 
   add_norm="pallas" computes the attention branch's residual add and norm2 in one kernel (same math; drop
-  path as a per-example scale 0 or 1 / keep)."""
+  path as a per-example scale 0 or 1 / keep). residual_dtype=bfloat16 (opt-in, not the official numerics)
+  carries x between blocks in bfloat16: half the bytes of every residual add and LayerNorm input."""
   num_heads: int
   mlp_ratio: float = 4.0
   init_values: float = 0.0  # 0 -> no layer scale
@@ -253,11 +254,13 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "auto"
   add_norm: str = "xla"
+  residual_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, rel_pos_bias: Optional[Array] = None, drop_path_rate: Array | float = 0.0,
                train: bool = False) -> Array:
     d = x.shape[-1]
+    x = x.astype(self.residual_dtype)
     ln = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name=name)
     attn = Attention(self.num_heads, self.window, self.init_style, self.dtype, self.attention, name="attn")
     mlp = Mlp(int(d * self.mlp_ratio), self.init_style, self.dtype, name="mlp")
@@ -275,10 +278,10 @@ class Block(nn.Module):
       branches = [("1", lambda y: attn(y, rel_pos_bias), lambda x: ln("norm1")(x).astype(self.dtype)),
                   ("2", mlp, lambda x: ln("norm2")(x).astype(self.dtype))]
     for i, fn, norm in branches:
-      y = fn(norm(x)).astype(jnp.float32)
+      y = fn(norm(x)).astype(self.residual_dtype)
       g = gamma(i)
       if g is not None:
-        y = y * g
+        y = y * g.astype(self.residual_dtype)
       if dropping:
         y = drop_path(y, drop_path_rate, self.make_rng("dropout"))
       x = x + y
@@ -312,6 +315,7 @@ def run_blocks(x, name: str, depth: int, block_kwargs: dict, drop_path_rates: Se
   Returns the final x and every block's output stacked, shape (depth, B, N, D).
   """
   rates = jnp.asarray(drop_path_rates, jnp.float32)
+  x = x.astype(block_kwargs.get("residual_dtype", jnp.float32))  # scan's carry keeps one dtype
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
   policy = REMAT_POLICIES[remat]
@@ -358,6 +362,7 @@ class VisionTransformer(nn.Module):
   remat: str = "none"
   attention: str = "auto"  # an execution choice like dtype: never stored with a checkpoint
   add_norm: str = "xla"    # "pallas": Block's fused residual add + norm2 (execution, like attention)
+  residual_dtype: Any = jnp.float32  # bfloat16: x between blocks in bf16 (opt-in numerics change)
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -367,7 +372,8 @@ class VisionTransformer(nn.Module):
     return dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, init_values=self.init_values,
                 window=self.grid if self.rel_pos == "layer" else None,
                 use_drop_path=self.drop_path_rate > 0, init_style=init_style or self.init_style,
-                dtype=self.dtype, attention=self.attention, add_norm=self.add_norm)
+                dtype=self.dtype, attention=self.attention, add_norm=self.add_norm,
+                residual_dtype=self.residual_dtype)
 
   def embed(self, images: Array, mask: Optional[Array]) -> Array:
     if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:
@@ -407,6 +413,7 @@ class VisionTransformer(nn.Module):
     rates = np.linspace(0, self.drop_path_rate, self.depth).tolist()
     x, hidden = run_blocks(x, "blocks", self.depth, self.block_kwargs(), rates, rel_pos_bias, train,
                            self.scan, self.remat)
+    x = x.astype(jnp.float32)  # a bfloat16 residual stream (residual_dtype) ends here; `hidden` keeps it
     out = {"x": x, "hidden": hidden, "rel_pos_bias": rel_pos_bias}
     ln = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name=name)
     if self.final_norm == "norm":

@@ -60,9 +60,11 @@ class VQKD(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "auto"
   add_norm: str = "xla"
+  residual_dtype: Any = jnp.float32
 
   def setup(self):
-    run = dict(dtype=self.dtype, attention=self.attention, add_norm=self.add_norm)
+    run = dict(dtype=self.dtype, attention=self.attention, add_norm=self.add_norm,
+               residual_dtype=self.residual_dtype)
     self.enc = VisionTransformer(**self.encoder, **run, name="encoder")
     self.dec = VisionTransformer(**self.decoder, **run, name="decoder")
     dense = lambda n, name: nn.Dense(n, kernel_init=trunc_normal(0.02), dtype=jnp.float32, name=name)

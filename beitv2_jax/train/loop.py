@@ -427,11 +427,12 @@ def check_resume_config(workdir: str, run_info: dict) -> None:
 
 def _upgrade(old: dict) -> dict:
   """A flat config.json of an earlier layout in today's names (_RENAMED_KEYS; `use_cls` became `final_norm`,
-  and a tokenizer's config.model lost `scan` and `remat`, which it never used; `add_norm` came with its
-  default "xla"), so that its runs resume."""
+  and a tokenizer's config.model lost `scan` and `remat`, which it never used; `add_norm` and
+  `residual_dtype` came with their defaults "xla" and "float32"), so that its runs resume."""
   out = {_RENAMED_KEYS.get(k, k): v for k, v in old.items()}
-  if "config.model.attention" in out:  # a model config written before add_norm existed ran the XLA blocks
+  if "config.model.attention" in out:  # a model config written before add_norm / residual_dtype existed
     out.setdefault("config.model.add_norm", "xla")
+    out.setdefault("config.model.residual_dtype", "float32")
   if "config.model.use_cls" in out:
     out["config.model.final_norm"] = "norm" if out.pop("config.model.use_cls") else "fc_norm"
   if out.get("task") == "tokenizer" and out.get("config.model.scan") is False:
