@@ -40,7 +40,8 @@ def test_residual_precision_benchmark_sets_up_its_runs_and_its_table(tmp_path):
   from beitv2_jax.config_defaults import with_updates
   tok, pt = residual_precision.configs(steps=300, tokenizer_steps=100)
   assert tok.total_steps == 100 and tok.teacher == "random"
-  assert (pt.total_steps, pt.log_every_steps, pt.model.dtype, pt.model.residual_dtype) == (300, 50, "bfloat16", "float32")
+  assert (pt.total_steps, pt.log_every_steps) == (300, 50)
+  assert (pt.model.dtype, pt.model.residual_dtype) == ("bfloat16", "float32")
   c = with_updates(pt, {"tokenizer_path": "random", "model.residual_dtype": "bfloat16"})
   task = tasks.task_class("pretrain")(c, str(tmp_path), None)
   assert task.model.residual_dtype == jnp.bfloat16 and task.model.dtype == jnp.bfloat16
