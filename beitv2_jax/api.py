@@ -54,7 +54,7 @@ import numpy as np
 from beitv2_jax import convert, resample
 from beitv2_jax.data import transforms
 from beitv2_jax.models import quantizer
-from beitv2_jax.models.build import dtype_of, fields_call, split_execution
+from beitv2_jax.models.build import EXECUTION_FIELDS, dtype_of, fields_call, split_execution
 from beitv2_jax.models.mim import BEiTForMIM
 from beitv2_jax.models.vit import VisionTransformer, encoder_kwargs
 from beitv2_jax.models.vqkd import VQKD
@@ -527,9 +527,10 @@ def _finish(kind, model_cfg, params, codebook, dtype, overrides, source) -> Mode
     model_cfg.update(overrides)
   elif kind == "mim":
     backbone = dict(model_cfg["backbone"])
-    backbone.update({k: v for k, v in overrides.items() if k not in ("scan", "remat")})
+    top = [k for k in EXECUTION_FIELDS if k != "dtype"]  # BEiTForMIM's own fields, which it hands to its backbone
+    backbone.update({k: v for k, v in overrides.items() if k not in top})
     model_cfg["backbone"] = backbone
-    model_cfg.update({k: v for k, v in overrides.items() if k in ("scan", "remat")})
+    model_cfg.update({k: v for k, v in overrides.items() if k in top})
   module = build_module(kind, model_cfg, dtype)
   template = _template(module, kind)
   params = relayout(params, template)

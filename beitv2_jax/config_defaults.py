@@ -159,8 +159,8 @@ def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
 
 def tokenizer_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
   """A VQ-KD's fields: the encoder of `vit_model(size)`, the decoder (`decoder_*`), the codebook and the
-  teacher's feature dim (0: the teacher's own); execution `dtype`, `attention`, `add_norm` (its blocks run unrolled,
-  without remat: it has no `scan` or `remat` field)."""
+  teacher's feature dim (0: the teacher's own); execution `dtype`, `attention`, `add_norm`, `residual_dtype`
+  (its blocks run unrolled, without remat: it has no `scan` or `remat` field)."""
   m = vit_model(size).to_dict()
   del m["scan"], m["remat"]
   m.update(decoder_depth=1, decoder_embed_dim=m["embed_dim"], decoder_num_heads=m["num_heads"],

@@ -164,6 +164,10 @@ def test_mim_checkpoint_loads_and_exports_to_the_official_layout(tokenizer_dir, 
   x, mask = _inputs(b=2, n=64, m=26)
   main, agg = m(np.asarray(x), np.asarray(mask))
   assert main.shape == (2, 26, 64) and agg.shape == (2, 26, 64)
+  # execution fields as load overrides go to the MIM model, which hands them to its backbone
+  fast = beitv2_jax.load(wd, attention="xla", residual_dtype="bfloat16", scan=True)
+  assert fast.module.residual_dtype == "bfloat16" and fast.module.vit_module().residual_dtype == "bfloat16"
+  np.testing.assert_allclose(np.asarray(fast(np.asarray(x), np.asarray(mask))[0]), np.asarray(main), atol=0.05)
   sd = beitv2_jax.export_state_dict(m, str(tmp_path / "pt.safetensors"))
   assert "rel_pos_bias.relative_position_bias_table" in sd and "cls_pt_layers.1.mlp.fc2.weight" in sd
   assert "lm_head.weight" in sd and "mask_token" in sd and not any(k.startswith("backbone") for k in sd)

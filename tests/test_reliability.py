@@ -17,7 +17,7 @@ from beitv2_jax import main as entry
 from beitv2_jax.train import loop
 from beitv2_jax.train.loop import NonFiniteError
 from beitv2_jax.train.writer import read_metrics
-from helpers import ROOT, assert_trees_equal, finetune_config, params_of, tokenizer_config
+from helpers import ROOT, assert_trees_equal, finetune_config, load_config, params_of, tokenizer_config
 
 
 def _cli(*args, devices=1):
@@ -178,6 +178,14 @@ def test_runs_written_before_config_model_held_constructor_fields_only_still_res
   del old["model"]["add_norm"], old["model"]["residual_dtype"]  # written before the fields existed
   _write_run_config(str(tmp_path / "tok"), "tokenizer", old)
   loop.check_resume_config(str(tmp_path / "tok"), {"task": "tokenizer", "config": tok})
+  assert "changed settings" not in capsys.readouterr().out
+
+  pt = load_config("pretrain_tiny").to_dict()  # its nested tokenizer stage's model too
+  old = json.loads(json.dumps(pt))
+  for model in (old["model"], old["tokenizer"]["model"]):
+    del model["add_norm"], model["residual_dtype"]
+  _write_run_config(str(tmp_path / "pt"), "pretrain", old)
+  loop.check_resume_config(str(tmp_path / "pt"), {"task": "pretrain", "config": pt})
   assert "changed settings" not in capsys.readouterr().out
 
   ft = finetune_config(steps=8).to_dict()

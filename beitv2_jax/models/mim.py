@@ -97,6 +97,7 @@ class BEiTForMIM(nn.Module):
     x = jnp.concatenate([out["x"][:, :1], early[:, 1:]], axis=1)
     for block, rate in zip(self.cls_pt_layers, self.agg_rates):
       x = block(x, out["rel_pos_bias"], rate, train)
+    x = x.astype(jnp.float32)  # a bfloat16 residual stream (residual_dtype) ends here
     agg = self.logits(x, idx)
     return main, agg
 

@@ -244,7 +244,8 @@ class Block(nn.Module):
 
   add_norm="pallas" computes the attention branch's residual add and norm2 in one kernel (same math; drop
   path as a per-example scale 0 or 1 / keep). residual_dtype=bfloat16 (opt-in, not the official numerics)
-  carries x between blocks in bfloat16: half the bytes of every residual add and LayerNorm input."""
+  stores x between blocks in bfloat16: half the bytes of every residual add and LayerNorm input; the adds
+  and the LayerNorm statistics still run in float32."""
   num_heads: int
   mlp_ratio: float = 4.0
   init_values: float = 0.0  # 0 -> no layer scale
@@ -278,13 +279,14 @@ class Block(nn.Module):
       branches = [("1", lambda y: attn(y, rel_pos_bias), lambda x: ln("norm1")(x).astype(self.dtype)),
                   ("2", mlp, lambda x: ln("norm2")(x).astype(self.dtype))]
     for i, fn, norm in branches:
-      y = fn(norm(x)).astype(self.residual_dtype)
+      y = fn(norm(x)).astype(jnp.float32)
       g = gamma(i)
       if g is not None:
-        y = y * g.astype(self.residual_dtype)
+        y = y * g
       if dropping:
         y = drop_path(y, drop_path_rate, self.make_rng("dropout"))
-      x = x + y
+      # the add in float32, the sum stored in residual_dtype (one rounding; gamma's gradient summed in float32)
+      x = (x.astype(jnp.float32) + y).astype(self.residual_dtype)
     return x
 
 

@@ -430,9 +430,10 @@ def _upgrade(old: dict) -> dict:
   and a tokenizer's config.model lost `scan` and `remat`, which it never used; `add_norm` and
   `residual_dtype` came with their defaults "xla" and "float32"), so that its runs resume."""
   out = {_RENAMED_KEYS.get(k, k): v for k, v in old.items()}
-  if "config.model.attention" in out:  # a model config written before add_norm / residual_dtype existed
-    out.setdefault("config.model.add_norm", "xla")
-    out.setdefault("config.model.residual_dtype", "float32")
+  for key in [k for k in out if k.endswith("model.attention")]:  # written before add_norm / residual_dtype
+    prefix = key[:-len("attention")]  # config.model. or a nested config.tokenizer.model.
+    out.setdefault(prefix + "add_norm", "xla")
+    out.setdefault(prefix + "residual_dtype", "float32")
   if "config.model.use_cls" in out:
     out["config.model.final_norm"] = "norm" if out.pop("config.model.use_cls") else "fc_norm"
   if out.get("task") == "tokenizer" and out.get("config.model.scan") is False:
