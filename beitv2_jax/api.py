@@ -22,7 +22,9 @@ has moved), or rebuilds the random-init baseline from the run's seed.
 `python -m beitv2_jax.convert`), an official .pth (tokenizer `vqkd_*.pth`, pretraining `*_pt1k*.pth`,
 fine-tuned), or a timm `beitv2_*` .pth / .safetensors. The architecture is read from the keys and shapes
 (head dim 64 unless `num_heads=` is given); `overrides` change VisionTransformer fields (e.g. `dtype`,
-`drop_path_rate`, `scan`) or force `kind="classifier"` (with `num_classes=`) on a MIM checkpoint.
+`drop_path_rate`, `scan`) or force `kind="classifier"` (with `num_classes=`) on a MIM checkpoint; a tokenizer
+takes the execution ones its encoder and decoder run with (`attention`, `add_norm`, `residual_dtype`,
+`patch_embed`).
 Loading a file never runs code from it (see convert.read_state_dict); .safetensors is preferred.
 
 Inputs that would give silently wrong answers are refused with a one-line ValueError naming the argument,
@@ -525,6 +527,12 @@ def encoder_input(model: Model, images_uint8: jax.Array) -> jax.Array:
 def _finish(kind, model_cfg, params, codebook, dtype, overrides, source) -> Model:
   if kind in ("classifier",):
     model_cfg.update(overrides)
+  elif kind == "tokenizer":  # VQKD's execution fields, handed to its encoder and decoder
+    takes = [k for k in EXECUTION_FIELDS if k not in ("dtype", "scan", "remat")]
+    if set(overrides) - set(takes):
+      raise ValueError(f"a tokenizer takes the execution overrides {takes} (and dtype=), not "
+                       f"{sorted(set(overrides) - set(takes))}")
+    model_cfg.update(overrides)
   elif kind == "mim":
     backbone = dict(model_cfg["backbone"])
     top = [k for k in EXECUTION_FIELDS if k != "dtype"]  # BEiTForMIM's own fields, which it hands to its backbone
@@ -559,10 +567,9 @@ def _load_state_dict(path: str, sd: dict, kind, dtype, overrides) -> Model:
     cb = sd["quantize.embedding.weight"]
     model_cfg = dict(encoder=enc, decoder=dec, codebook_size=cb.shape[0], codebook_dim=cb.shape[1],
                      teacher_dim=sd["decode_task_layer.2.weight"].shape[0])
-    module = build_module("tokenizer", model_cfg, dtype)
-    skip = (r"^quantize\.",)
-    params = convert.from_state_dict(sd, _template(module, "tokenizer"), ignore=skip, what=path)
-    model = Model("tokenizer", module, jax.tree.map(jnp.asarray, params), model_cfg, np.asarray(cb, np.float32), path)
+    template = _template(build_module("tokenizer", model_cfg, dtype), "tokenizer")
+    params = convert.from_state_dict(sd, template, ignore=(r"^quantize\.",), what=path)
+    model = _finish("tokenizer", model_cfg, params, np.asarray(cb, np.float32), dtype, dict(own), path)
   elif detected == "mim":
     b = convert.infer_vit_config(sd)
     b.update(final_norm="none", init_style="pretrain", num_classes=0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ml_collections
 
 from beitv2_jax import tasks
-from beitv2_jax.models.build import ADD_NORM, RESIDUAL_DTYPES
+from beitv2_jax.models.build import ADD_NORM, PATCH_EMBED, RESIDUAL_DTYPES
 
 
 def base(task: str) -> ml_collections.ConfigDict:
@@ -142,6 +142,9 @@ def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
   one GPU; not yet measured faster, see benchmarks/kernels.py). residual_dtype ("float32", the official
   numerics; "bfloat16" carries the stream between blocks in bf16, an opt-in that changes the rounding: its
   effect on training is in benchmarks/RESULTS.md) is the one execution field that is not the same math.
+  patch_embed ("conv": the patch projection as a strided convolution; "matmul": the same product as a
+  patchify reshape and one matmul, for GPUs whose convolution kernel for it is slow; a MIM run's frozen
+  tokenizer follows the student's setting).
   """
   sizes = {
       "tiny": dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2),
@@ -152,15 +155,15 @@ def vit_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
   if size not in sizes:
     raise ValueError(f"unknown model size {size!r}: expected one of {sorted(sizes)}")
   m = dict(sizes[size], mlp_ratio=4.0, dtype="float32", scan=False, remat="none",
-           attention="auto", add_norm="xla", residual_dtype="float32")
+           attention="auto", add_norm="xla", residual_dtype="float32", patch_embed="conv")
   m.update(kw)
   return ml_collections.ConfigDict(m)
 
 
 def tokenizer_model(size: str = "base", **kw) -> ml_collections.ConfigDict:
   """A VQ-KD's fields: the encoder of `vit_model(size)`, the decoder (`decoder_*`), the codebook and the
-  teacher's feature dim (0: the teacher's own); execution `dtype`, `attention`, `add_norm`, `residual_dtype`
-  (its blocks run unrolled, without remat: it has no `scan` or `remat` field)."""
+  teacher's feature dim (0: the teacher's own); execution `dtype`, `attention`, `add_norm`, `residual_dtype`,
+  `patch_embed` (its blocks run unrolled, without remat: it has no `scan` or `remat` field)."""
   m = vit_model(size).to_dict()
   del m["scan"], m["remat"]
   m.update(decoder_depth=1, decoder_embed_dim=m["embed_dim"], decoder_num_heads=m["num_heads"],
@@ -283,6 +286,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(m.residual_dtype in RESIDUAL_DTYPES, "model.residual_dtype", f"must be one of {RESIDUAL_DTYPES}")
     need(m.residual_dtype == "float32" or m.get("add_norm") != "pallas", "model.residual_dtype",
          "must be 'float32' with model.add_norm='pallas' (the kernel's residual stream is float32)")
+  if "patch_embed" in m:
+    need(m.patch_embed in PATCH_EMBED, "model.patch_embed", f"must be one of {PATCH_EMBED}")
   if "embed_dim" in m and "num_heads" in m:
     need(m.embed_dim % m.num_heads == 0, "model.embed_dim", f"not divisible by model.num_heads={m.num_heads}")
   if "mask" in c and "img_size" in m:

@@ -5,7 +5,7 @@
 # fine-tune), the PyTorch peer of the MIM step (timm blocks, bf16 autocast, SDPA, fused AdamW; eager and
 # torch.compile) on the same GPU, the Pallas kernels against XLA (benchmarks/kernels.py) and in the MIM step
 # (model.add_norm), the MIM step with a bfloat16 residual stream (model.residual_dtype, opt-in numerics), the MIM
-# step under other XLA flags, the cuDNN attention and compiled-kernel tests, and the
+# step with the patch embedding as a matmul (model.patch_embed), the MIM step under other XLA flags, the cuDNN attention and compiled-kernel tests, and the
 # largest MIM batch with and without remat.
 # Each stage has its own time limit and appends JSON rows to $OUT/bench.jsonl as it measures them.
 #
@@ -23,7 +23,7 @@ export JAX_PLATFORMS=cuda
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
 export JAX_COMPILATION_CACHE_DIR=/tmp/beitv2_jax_cache  # the max-batch stage recompiles shapes seen before
 PY=${PY:-python3}
-STAGES=${STAGES:-"pretrain profile torch_peer tokenizer_finetune kernels add_norm residual xla_flags attention_tests max_batch"}
+STAGES=${STAGES:-"pretrain profile torch_peer tokenizer_finetune kernels add_norm residual patch_embed xla_flags attention_tests max_batch"}
 
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -58,6 +58,9 @@ stage add_norm "${T_ADD_NORM:-120}" $PY benchmarks/train_step.py --size=base --t
 # the MIM step with the residual stream between blocks in float32 (official) and in bfloat16 (opt-in)
 stage residual "${T_RESIDUAL:-120}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --batch="${PRE_BATCH:-256}" \
   --steps=10 --attention=cudnn --residual=float32,bfloat16 --json "$OUT/bench.jsonl"
+# the MIM step with the student's and the tokenizer's patch embedding as cuDNN's strided conv and as one matmul
+stage patch_embed "${T_PATCH:-120}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --batch="${PRE_BATCH:-256}" \
+  --steps=10 --attention=cudnn --patch-embed=conv,matmul --json "$OUT/bench.jsonl"
 # the MIM step under XLA flag sets (each its own process; ';'-separated), the row records the flags
 xla_flag_sets() {
   local IFS=';'

@@ -6,6 +6,7 @@ steps, on synthetic device-resident batches (the input pipeline has its own benc
   python benchmarks/train_step.py --size=base --tasks=pretrain --attention=xla,cudnn --host-input
   python benchmarks/train_step.py --size=base --tasks=pretrain --attention=cudnn --add-norm=xla,pallas
   python benchmarks/train_step.py --size=base --tasks=pretrain --attention=cudnn --residual=float32,bfloat16
+  python benchmarks/train_step.py --size=base --tasks=pretrain --attention=cudnn --patch-embed=conv,matmul
   python benchmarks/train_step.py --size=base --max-batch --remat=none,full   # largest per-device batch
   python benchmarks/train_step.py --size=tiny --torch               # side by side with timm's Beit (finetune)
 MFU = model FLOPs per image x img/s / (bf16 peak x devices); remat recompute is not counted.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -35,18 +37,19 @@ from beitv2_jax.train.loop import device_peak_flops, jit_step  # noqa: E402
 
 
 def make_config(task: str, size: str, dtype: str, batch: int, remat: str, scan: bool, attention: str = "auto",
-                add_norm: str = "xla", residual_dtype: str = "float32"):
+                **execution):
+  """The benchmark's config of `task`; `execution`: model execution fields beyond these (add_norm,
+  residual_dtype, patch_embed), left at their defaults when absent."""
   c = base(task)
   c.data.name = "synthetic:1024"
   c.batch_size = batch
   c.total_steps = 1000
   c.warmup_steps = 10
-  m = vit_model(size, dtype=dtype, remat=remat, scan=scan, attention=attention, add_norm=add_norm,
-                residual_dtype=residual_dtype)
+  m = vit_model(size, dtype=dtype, remat=remat, scan=scan, attention=attention, **execution)
   if task == "tokenizer":  # its blocks always run unrolled, without remat
     if remat != "none" or scan:
       raise ValueError("the tokenizer's blocks run unrolled and without remat: --remat=none, no --scan")
-    m = tokenizer_model(size, dtype=dtype, attention=attention, add_norm=add_norm, residual_dtype=residual_dtype,
+    m = tokenizer_model(size, dtype=dtype, attention=attention, **execution,
                         decoder_depth=3 if size != "tiny" else 1,
                         codebook_size=8192 if size != "tiny" else 512)
     c.teacher = "random"
@@ -98,11 +101,11 @@ class Built:
 
 
 def _build(task: str, size: str, dtype: str, batch: int, remat: str, scan: bool, attention: str,
-           add_norm: str = "xla", residual_dtype: str = "float32") -> Built:
+           **execution) -> Built:
   from beitv2_jax.tasks import task_class as get_task_class
   import tempfile
   mesh = parallel.make_mesh()
-  config = make_config(task, size, dtype, batch, remat, scan, attention, add_norm, residual_dtype)
+  config = make_config(task, size, dtype, batch, remat, scan, attention, **execution)
   t = get_task_class(task)(config, tempfile.mkdtemp(), mesh)
   state_abs = jax.eval_shape(t.init_state, jax.random.PRNGKey(0))
   shardings = parallel.state_shardings(state_abs, mesh)
@@ -120,11 +123,10 @@ def compiled_bytes(built: Built, batch: int) -> int:
 
 
 def bench(task: str, size: str, dtype: str, batch: int, steps: int, remat: str = "none", scan: bool = False,
-          attention: str = "auto", host_input: bool = False, profile_dir: str = "", add_norm: str = "xla",
-          residual_dtype: str = "float32"):
+          attention: str = "auto", host_input: bool = False, profile_dir: str = "", **execution):
   """Times `steps` train steps on a device-resident batch; with host_input also the same steps fed from
   host memory every step, without and with DevicePrefetch (what the training loop does)."""
-  built = _build(task, size, dtype, batch, remat, scan, attention, add_norm, residual_dtype)
+  built = _build(task, size, dtype, batch, remat, scan, attention, **execution)
   t, config, mesh, host_batch, frozen = built.task, built.config, built.mesh, built.host_batch, built.frozen
   state = jax.jit(t.init_state, out_shardings=built.shardings)(jax.random.PRNGKey(0))
   batch_arrays = parallel.to_global(host_batch, mesh)
@@ -157,8 +159,9 @@ def bench(task: str, size: str, dtype: str, batch: int, steps: int, remat: str =
     pass
   row = dict(task=task, size=size, dtype=dtype, batch=batch, remat=remat, scan=scan,
              attention=attention_lib.resolve(attention, config.model.dtype,
-                                             config.model.embed_dim // config.model.num_heads), add_norm=add_norm,
-             residual_dtype=residual_dtype,
+                                             config.model.embed_dim // config.model.num_heads),
+             add_norm=config.model.add_norm, residual_dtype=config.model.residual_dtype,
+             patch_embed=config.model.patch_embed,
              devices=jax.device_count(), device=jax.devices()[0].device_kind, step_ms=1000 * dt,
              img_per_sec=img_s, img_per_sec_per_device=img_s / jax.device_count(),
              gflops_per_img=t.flops_per_example / 1e9,
@@ -346,6 +349,7 @@ def main():
   ap.add_argument("--add-norm", default="xla", help="comma list of xla | pallas (model.add_norm), each timed")
   ap.add_argument("--residual", default="float32",
                   help="comma list of float32 | bfloat16 (model.residual_dtype, opt-in numerics), each timed")
+  ap.add_argument("--patch-embed", default="conv", help="comma list of conv | matmul (model.patch_embed), each timed")
   ap.add_argument("--host-input", action="store_true",
                   help="also time steps fed from host memory, without and with device prefetch")
   ap.add_argument("--profile", default="", help="trace 3 extra steps into this folder and print the kernels")
@@ -370,11 +374,13 @@ def main():
         for remat in a.remat.split(",") if task != "tokenizer" else ["none"]:
           emit(max_batch(task, a.size, dtype, remat, attention))
         continue
-      for add_norm in a.add_norm.split(","):
-        for residual in a.residual.split(","):
-          trace = f"{task}_{attention}_{add_norm}" + ("" if residual == "float32" else f"_{residual}")
-          emit(bench(task, a.size, dtype, batch, a.steps, a.remat, a.scan, attention, a.host_input,
-                     os.path.join(a.profile, trace) if a.profile else "", add_norm, residual))
+      for add_norm, residual, patch in itertools.product(a.add_norm.split(","), a.residual.split(","),
+                                                         a.patch_embed.split(",")):
+        trace = (f"{task}_{attention}_{add_norm}" + ("" if residual == "float32" else f"_{residual}")
+                 + ("" if patch == "conv" else f"_patch_{patch}"))
+        emit(bench(task, a.size, dtype, batch, a.steps, a.remat, a.scan, attention, a.host_input,
+                   os.path.join(a.profile, trace) if a.profile else "", add_norm=add_norm,
+                   residual_dtype=residual, patch_embed=patch))
   if a.torch:
     emit(torch_finetune_step(a.size, batch, a.steps))
   return rows

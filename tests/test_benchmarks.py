@@ -53,6 +53,37 @@ def test_residual_precision_benchmark_sets_up_its_runs_and_its_table(tmp_path):
   assert "| bfloat16, mean of 2 | | 10.5000 | 9.5000 |" in table and "| loss @50 | loss @100 |" in table
 
 
+def test_patch_embed_setting_reaches_the_student_and_its_tokenizer_and_keeps_the_step(tmp_path):
+  """train_step.py --patch-embed=matmul: the MIM task's student and frozen tokenizer both run the patch
+  projection as a matmul, and the step computes the same labels, loss and gradients as with the conv."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import train_step
+  from beitv2_jax import parallel
+  from beitv2_jax.train.pretrain import PretrainTask
+
+  results = {}
+  for patch in ("conv", "matmul"):
+    config = train_step.make_config("pretrain", "tiny", "float32", 8, "none", False, "xla", patch_embed=patch)
+    task = PretrainTask(config, str(tmp_path / patch), parallel.make_mesh())
+    assert task.model.patch_embed == patch and task.tokenizer.module.patch_embed == patch
+    params = jax.jit(task.init_state)(jax.random.key(3)).params
+    batch = jax.tree.map(jnp.asarray, train_step.synthetic_batch(task, "pretrain", 8))
+
+    def loss(p, batch, frozen):
+      ce1, ce2, _, _, labels = task.losses(p, batch, frozen, False)
+      return ce1.mean() + ce2.mean(), labels
+    results[patch] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, batch, task.frozen)
+  (want, want_labels), want_g = results["conv"]
+  (got, got_labels), got_g = results["matmul"]
+  np.testing.assert_array_equal(got_labels, want_labels)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    assert np.linalg.norm(np.asarray(g) - np.asarray(w)) <= 1e-4 * np.linalg.norm(np.asarray(w)) + 1e-9
+
+
 def test_input_pipeline_benchmark_smoke():
   out = _run("benchmarks/input_pipeline.py", "--images=8", "--seconds=0.3", "--workers=0", "--size=64", "--profile")
   assert "| tokenizer |" in out and "grain pipeline" in out and "| colour jitter |" in out

@@ -170,12 +170,14 @@ def _write_run_config(wd, task, config):
 
 def test_runs_written_before_config_model_held_constructor_fields_only_still_resume(tmp_path, capsys):
   """config.json of the earlier layout (quantizer fields in config.model, `use_cls`, a tokenizer's unused
-  scan / remat, no `add_norm` or `residual_dtype`) is read in today's names: the same settings resume, a real
-  change is still refused."""
+  scan / remat, no `add_norm`, `residual_dtype` or `patch_embed`) is read in today's names: the same settings
+  resume, a real change is still refused."""
+  later = ("add_norm", "residual_dtype", "patch_embed")  # execution fields written only since they existed
   tok = tokenizer_config(steps=8).to_dict()
   old = json.loads(json.dumps(tok))
   old["model"].update(old.pop("quantizer"), scan=False, remat="none")
-  del old["model"]["add_norm"], old["model"]["residual_dtype"]  # written before the fields existed
+  for field in later:
+    del old["model"][field]
   _write_run_config(str(tmp_path / "tok"), "tokenizer", old)
   loop.check_resume_config(str(tmp_path / "tok"), {"task": "tokenizer", "config": tok})
   assert "changed settings" not in capsys.readouterr().out
@@ -183,7 +185,8 @@ def test_runs_written_before_config_model_held_constructor_fields_only_still_res
   pt = load_config("pretrain_tiny").to_dict()  # its nested tokenizer stage's model too
   old = json.loads(json.dumps(pt))
   for model in (old["model"], old["tokenizer"]["model"]):
-    del model["add_norm"], model["residual_dtype"]
+    for field in later:
+      del model[field]
   _write_run_config(str(tmp_path / "pt"), "pretrain", old)
   loop.check_resume_config(str(tmp_path / "pt"), {"task": "pretrain", "config": pt})
   assert "changed settings" not in capsys.readouterr().out
@@ -191,7 +194,8 @@ def test_runs_written_before_config_model_held_constructor_fields_only_still_res
   ft = finetune_config(steps=8).to_dict()
   old = json.loads(json.dumps(ft))
   old["model"]["use_cls"] = old["model"].pop("final_norm") == "norm"
-  del old["model"]["add_norm"], old["model"]["residual_dtype"]
+  for field in later:
+    del old["model"][field]
   _write_run_config(str(tmp_path / "ft"), "finetune", old)
   loop.check_resume_config(str(tmp_path / "ft"), {"task": "finetune", "config": ft})
   old["model"]["use_cls"] = not old["model"]["use_cls"]

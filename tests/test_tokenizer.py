@@ -56,6 +56,14 @@ def test_tokenizer_api_and_official_layout_round_trip(trained, tmp_path):
   assert again.config["encoder"]["num_heads"] == 2
   np.testing.assert_array_equal(np.asarray(again.encode(x)), ids)
   np.testing.assert_allclose(np.asarray(again.decode(ids)), rec, atol=1e-5)
+  # execution overrides reach the tokenizer's encoder and decoder (as the MIM step's frozen tokenizer uses them)
+  for source in (trained, str(tmp_path / "official.pth")):
+    fast = beitv2_jax.load(source, num_heads=2, patch_embed="matmul") if source.endswith(".pth") else \
+        beitv2_jax.load(source, patch_embed="matmul")
+    assert fast.module.patch_embed == "matmul"
+    np.testing.assert_array_equal(np.asarray(fast.encode(x)), ids)
+  with pytest.raises(ValueError, match=r"a tokenizer takes the execution overrides .* not \['scan'\]"):
+    beitv2_jax.load(trained, scan=True)
 
 
 def test_released_tokenizer_reproduces_the_official_demo_ids():

@@ -265,3 +265,31 @@ def test_residual_dtype_values_are_checked_with_the_config():
     config_defaults.validate(c)
   c.model.add_norm = "xla"
   config_defaults.validate(c)
+  c.model.patch_embed = "dense"
+  with pytest.raises(ValueError, match=r"model.patch_embed='dense': must be one of \('conv', 'matmul'\)"):
+    config_defaults.validate(c)
+
+
+def test_patch_embed_as_matmul_is_the_convolution():
+  """model.patch_embed="matmul": the same parameters (names, shapes, initial values) and the same product as
+  the strided convolution (itself checked against timm above), forward and backward, float32 and bf16."""
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+    conv = VisionTransformer(**TINY, dtype=dtype)
+    matmul = VisionTransformer(**TINY, dtype=dtype, patch_embed="matmul")
+    params = jax.jit(conv.init)(jax.random.key(0), x)
+    same_init = jax.jit(matmul.init)(jax.random.key(0), x)
+    assert jax.tree.structure(params) == jax.tree.structure(same_init)
+    jax.tree.map(np.testing.assert_array_equal, params, same_init)
+
+    def logits_and_grads(model):
+      loss = lambda p: jnp.sum(jnp.sin(model.apply(p, x)["logits"]))  # not linear in the logits
+      return jax.jit(lambda p: (model.apply(p, x)["logits"], jax.grad(loss)(p)))(params)
+
+    (want, want_g), (got, got_g) = logits_and_grads(conv), logits_and_grads(matmul)
+    assert float(jnp.max(jnp.abs(got - want))) <= tol * float(jnp.max(jnp.abs(want)))
+    for (path, w), g in zip(jax.tree_util.tree_flatten_with_path(want_g)[0], jax.tree.leaves(got_g)):
+      g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+      assert np.linalg.norm(g - w) <= tol * np.linalg.norm(w) + 1e-12, jax.tree_util.keystr(path)
+  with pytest.raises(ValueError, match=r"model.patch_embed='dense': expected one of \('conv', 'matmul'\)"):
+    VisionTransformer(**TINY, patch_embed="dense").init(jax.random.key(0), x)

@@ -21,12 +21,14 @@ import jax.numpy as jnp
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # How the blocks run: the matmul dtype, scan over blocks, the remat policy, the attention kernel, the
-# residual add + norm kernel.
-EXECUTION_FIELDS = ("dtype", "scan", "remat", "attention", "add_norm", "residual_dtype")
+# residual add + norm kernel, the residual stream's dtype, the patch embedding's form.
+EXECUTION_FIELDS = ("dtype", "scan", "remat", "attention", "add_norm", "residual_dtype", "patch_embed")
 # model.residual_dtype: the residual stream between blocks (bfloat16: opt-in, not the official numerics)
 RESIDUAL_DTYPES = ("float32", "bfloat16")
 # model.add_norm: XLA's fusions, or the Pallas (Triton) residual add + LayerNorm kernel (kernels/add_layernorm.py)
 ADD_NORM = ("xla", "pallas")
+# model.patch_embed: the patch projection as a strided convolution, or as patchify + one matmul (same math)
+PATCH_EMBED = ("conv", "matmul")
 
 
 def dtype_of(name: str | Any):

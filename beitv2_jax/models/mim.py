@@ -63,13 +63,15 @@ class BEiTForMIM(nn.Module):
   attention: str = "auto"
   add_norm: str = "xla"
   residual_dtype: Any = jnp.float32
+  patch_embed: str = "conv"
 
   def setup(self):
     if not 0 < self.early_layers <= self.backbone["depth"]:
       raise ValueError(f"early_layers={self.early_layers} must be in [1, depth={self.backbone['depth']}]")
     self.vit = VisionTransformer(**self.backbone, dtype=self.dtype, scan=self.scan, remat=self.remat,
                                  attention=self.attention, add_norm=self.add_norm,
-                                 residual_dtype=self.residual_dtype, name="backbone")
+                                 residual_dtype=self.residual_dtype, patch_embed=self.patch_embed,
+                                 name="backbone")
     self.norm = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name="norm")
     self.lm_head = nn.Dense(self.vocab_size, kernel_init=trunc_normal(0.02, 1.0), dtype=self.dtype,
                             name="lm_head")
@@ -106,7 +108,7 @@ class BEiTForMIM(nn.Module):
     """The backbone as a standalone module (params: this model's `backbone` subtree)."""
     return VisionTransformer(**self.backbone, dtype=self.dtype, scan=self.scan, remat=self.remat,
                              attention=self.attention, add_norm=self.add_norm,
-                             residual_dtype=self.residual_dtype, parent=None)
+                             residual_dtype=self.residual_dtype, patch_embed=self.patch_embed, parent=None)
 
   def fix_init(self, params: dict) -> dict:
     params = dict(params)

@@ -148,6 +148,7 @@ class UperNetBEiT(nn.Module):
   attention: str = "auto"
   add_norm: str = "xla"
   residual_dtype: Any = jnp.float32
+  patch_embed: str = "conv"
 
   def backbone(self) -> VisionTransformer:
     return VisionTransformer(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
@@ -155,7 +156,8 @@ class UperNetBEiT(nn.Module):
                              use_abs_pos_emb=False, rel_pos="layer", init_values=self.init_values,
                              drop_path_rate=self.drop_path_rate, final_norm="none", init_style="finetune",
                              dtype=self.dtype, scan=self.scan, remat=self.remat, attention=self.attention,
-                             add_norm=self.add_norm, residual_dtype=self.residual_dtype, name="backbone")
+                             add_norm=self.add_norm, residual_dtype=self.residual_dtype,
+                             patch_embed=self.patch_embed, name="backbone")
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> tuple[Array, Array]:

@@ -61,10 +61,11 @@ class VQKD(nn.Module):
   attention: str = "auto"
   add_norm: str = "xla"
   residual_dtype: Any = jnp.float32
+  patch_embed: str = "conv"
 
   def setup(self):
     run = dict(dtype=self.dtype, attention=self.attention, add_norm=self.add_norm,
-               residual_dtype=self.residual_dtype)
+               residual_dtype=self.residual_dtype, patch_embed=self.patch_embed)
     self.enc = VisionTransformer(**self.encoder, **run, name="encoder")
     self.dec = VisionTransformer(**self.decoder, **run, name="decoder")
     dense = lambda n, name: nn.Dense(n, kernel_init=trunc_normal(0.02), dtype=jnp.float32, name=name)

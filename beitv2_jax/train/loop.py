@@ -427,13 +427,14 @@ def check_resume_config(workdir: str, run_info: dict) -> None:
 
 def _upgrade(old: dict) -> dict:
   """A flat config.json of an earlier layout in today's names (_RENAMED_KEYS; `use_cls` became `final_norm`,
-  and a tokenizer's config.model lost `scan` and `remat`, which it never used; `add_norm` and
-  `residual_dtype` came with their defaults "xla" and "float32"), so that its runs resume."""
+  and a tokenizer's config.model lost `scan` and `remat`, which it never used; `add_norm`, `residual_dtype`
+  and `patch_embed` came with their defaults "xla", "float32" and "conv"), so that its runs resume."""
   out = {_RENAMED_KEYS.get(k, k): v for k, v in old.items()}
-  for key in [k for k in out if k.endswith("model.attention")]:  # written before add_norm / residual_dtype
+  for key in [k for k in out if k.endswith("model.attention")]:  # written before the later execution fields
     prefix = key[:-len("attention")]  # config.model. or a nested config.tokenizer.model.
     out.setdefault(prefix + "add_norm", "xla")
     out.setdefault(prefix + "residual_dtype", "float32")
+    out.setdefault(prefix + "patch_embed", "conv")
   if "config.model.use_cls" in out:
     out["config.model.final_norm"] = "norm" if out.pop("config.model.use_cls") else "fc_norm"
   if out.get("task") == "tokenizer" and out.get("config.model.scan") is False:

@@ -46,10 +46,16 @@ def load_tokenizer(config) -> api.Model:
     raise ValueError("config.tokenizer_path is empty: point it at a tokenizer workdir or an official "
                      "vqkd_*.pth (python -m beitv2_jax.main trains config.tokenizer into WORKDIR/tokenizer first "
                      "when it is empty)")
-  model = api.load(path, dtype=config.tokenizer_dtype)
+  model = api.load(path, dtype=config.tokenizer_dtype, **tokenizer_execution(config))
   if model.kind != "tokenizer":
     raise ValueError(f"tokenizer_path {path} holds a {model.kind} checkpoint, not a tokenizer")
   return model
+
+
+def tokenizer_execution(config) -> dict:
+  """How the frozen tokenizer runs inside the MIM step: the student's patch embedding form (its attention
+  and blocks keep their defaults, as before)."""
+  return {"patch_embed": config.model.patch_embed} if "patch_embed" in config.model else {}
 
 
 def random_tokenizer(config) -> api.Model:
@@ -67,7 +73,7 @@ def random_tokenizer(config) -> api.Model:
                          num_heads=m.num_heads, mlp_ratio=4.0, decoder_embed_dim=m.embed_dim, decoder_depth=1,
                          decoder_num_heads=m.num_heads, codebook_size=8192, codebook_dim=32,  # the official codebook
                          teacher_dim=512)
-  module = VQKD(**kwargs, dtype=api.dtype_of(config.tokenizer_dtype))
+  module = VQKD(**kwargs, dtype=api.dtype_of(config.tokenizer_dtype), **tokenizer_execution(config))
   s = kwargs["encoder"]["img_size"]
   params = jax.jit(lambda k: module.init(k, jnp.zeros((1, s, s, 3)))["params"])(jax.random.key(0))
   codebook = quantizer.new_codebook(jax.random.key(1), module.codebook_size, module.codebook_dim).embedding
