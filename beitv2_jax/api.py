@@ -347,7 +347,7 @@ def feature_fn(model: Model, layer: int = -1, pool: str = "cls"):
     raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
   if model.kind == "tokenizer":
     from beitv2_jax.models.vqkd import preprocess
-    vit = VisionTransformer(**model.module.encoder, dtype=model.module.dtype)
+    vit = model.module.encoder_module()
     params, norm_name, prep = model.params["encoder"], "fc_norm", preprocess
   elif model.kind == "mim":
     vit, params, norm_name, prep = model.module.vit_module(), model.params, "norm", None

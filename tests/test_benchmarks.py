@@ -75,10 +75,15 @@ def test_patch_embed_setting_reaches_the_student_and_its_tokenizer_and_keeps_the
     def loss(p, batch, frozen):
       ce1, ce2, _, _, labels = task.losses(p, batch, frozen, False)
       return ce1.mean() + ce2.mean(), labels
-    results[patch] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, batch, task.frozen)
+    step = jax.value_and_grad(loss, has_aux=True)
+    convs = str(jax.make_jaxpr(step)(params, batch, task.frozen)).count("conv_general_dilated")
+    assert convs == {"conv": 3, "matmul": 0}[patch], convs  # student forward and backward, tokenizer forward
+    results[patch] = jax.jit(step)(params, batch, task.frozen)
   (want, want_labels), want_g = results["conv"]
   (got, got_labels), got_g = results["matmul"]
-  np.testing.assert_array_equal(got_labels, want_labels)
+  # the same codes (equal here: on this CPU both forms give the same tokenizer features; a near-tie could
+  # flip one of the 512 elsewhere)
+  assert np.mean(np.asarray(got_labels) == np.asarray(want_labels)) >= 0.99
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
     assert np.linalg.norm(np.asarray(g) - np.asarray(w)) <= 1e-4 * np.linalg.norm(np.asarray(w)) + 1e-9

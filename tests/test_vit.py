@@ -281,6 +281,8 @@ def test_patch_embed_as_matmul_is_the_convolution():
     same_init = jax.jit(matmul.init)(jax.random.key(0), x)
     assert jax.tree.structure(params) == jax.tree.structure(same_init)
     jax.tree.map(np.testing.assert_array_equal, params, same_init)
+    convs = lambda model: str(jax.make_jaxpr(lambda p: model.apply(p, x))(params)).count("conv_general_dilated")
+    assert (convs(conv), convs(matmul)) == (1, 0)  # the matmul form really runs
 
     def logits_and_grads(model):
       loss = lambda p: jnp.sum(jnp.sin(model.apply(p, x)["logits"]))  # not linear in the logits

@@ -353,8 +353,8 @@ class PatchMatmul(nn.Module):
   def __call__(self, images: Array) -> Array:
     b, h, w, c = images.shape
     p = self.patch_size
-    kernel = self.param("kernel", self.kernel_init, (p, p, c, self.features))
-    bias = self.param("bias", self.bias_init, (self.features,))
+    kernel = self.param("kernel", self.kernel_init, (p, p, c, self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
     # (B, H, W, C) -> (B, H/p, W/p, p, p, C): each patch's pixels in the kernel's (row, column, channel) order
     patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, h // p, w // p, p * p * c).astype(self.dtype)

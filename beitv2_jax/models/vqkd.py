@@ -63,9 +63,19 @@ class VQKD(nn.Module):
   residual_dtype: Any = jnp.float32
   patch_embed: str = "conv"
 
+  @nn.nowrap
+  def execution(self) -> dict:
+    """How the encoder and decoder run (the execution fields they take from this module)."""
+    return dict(dtype=self.dtype, attention=self.attention, add_norm=self.add_norm,
+                residual_dtype=self.residual_dtype, patch_embed=self.patch_embed)
+
+  @nn.nowrap
+  def encoder_module(self) -> VisionTransformer:
+    """The encoder as a standalone module (params: this model's `encoder` subtree)."""
+    return VisionTransformer(**self.encoder, **self.execution(), parent=None)
+
   def setup(self):
-    run = dict(dtype=self.dtype, attention=self.attention, add_norm=self.add_norm,
-               residual_dtype=self.residual_dtype, patch_embed=self.patch_embed)
+    run = self.execution()
     self.enc = VisionTransformer(**self.encoder, **run, name="encoder")
     self.dec = VisionTransformer(**self.decoder, **run, name="decoder")
     dense = lambda n, name: nn.Dense(n, kernel_init=trunc_normal(0.02), dtype=jnp.float32, name=name)

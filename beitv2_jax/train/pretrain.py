@@ -54,8 +54,10 @@ def load_tokenizer(config) -> api.Model:
 
 def tokenizer_execution(config) -> dict:
   """How the frozen tokenizer runs inside the MIM step: the student's patch embedding form (its attention
-  and blocks keep their defaults, as before)."""
-  return {"patch_embed": config.model.patch_embed} if "patch_embed" in config.model else {}
+  and blocks keep their defaults). Only when not the default: a path to another kind of checkpoint is then
+  refused for its kind, not for an override it does not take."""
+  patch = config.model.get("patch_embed", "conv")
+  return {} if patch == "conv" else {"patch_embed": patch}
 
 
 def random_tokenizer(config) -> api.Model:
