@@ -500,9 +500,10 @@ def random_encoder(model_cfg, seed: int, dtype: str | Any = "float32") -> Model:
   pretraining-style encoder of `model_cfg`'s size (`vit.encoder_kwargs`: shared rel-pos bias, layer scale,
   final norm, the official init with its per-block rescale), from `seed`."""
   from beitv2_jax.models.vit import rescale_init
-  arch, _ = split_execution(model_cfg)
+  arch, run = split_execution(model_cfg)
+  run.pop("dtype", None)
   cfg = fields_call(encoder_kwargs, arch)
-  module = build_module("classifier", cfg, dtype)
+  module = build_module("classifier", {**cfg, **run}, dtype)
   s = cfg["img_size"]
   params = module.init(jax.random.key(seed), jnp.zeros((1, s, s, 3)))["params"]
   return Model("classifier", module, rescale_init(params, [("blocks", 1)]), cfg, None, "")
@@ -510,10 +511,13 @@ def random_encoder(model_cfg, seed: int, dtype: str | Any = "float32") -> Model:
 
 def load_encoder(init_from: str, model_cfg, seed: int) -> Model:
   """What a probe or k-NN run measures: `init_from` loaded (anything `load` reads), or when it is empty the
-  random-init encoder of `model_cfg` from `seed` (the baseline)."""
+  random-init encoder of `model_cfg` from `seed` (the baseline); either way run with `model_cfg`'s
+  execution fields (dtype, attention, ...)."""
+  run = {k: model_cfg[k] for k in EXECUTION_FIELDS if k in model_cfg}  # as the config names them
+  dtype = run.pop("dtype", "float32")
   if init_from:
-    return load(init_from)
-  return random_encoder(model_cfg, seed)
+    return load(init_from, dtype=dtype, **run)
+  return random_encoder(model_cfg, seed, dtype)
 
 
 def encoder_input(model: Model, images_uint8: jax.Array) -> jax.Array:
@@ -529,10 +533,12 @@ def _finish(kind, model_cfg, params, codebook, dtype, overrides, source) -> Mode
     model_cfg.update(overrides)
   elif kind == "tokenizer":  # VQKD's execution fields, handed to its encoder and decoder
     takes = [k for k in EXECUTION_FIELDS if k not in ("dtype", "scan", "remat")]
-    if set(overrides) - set(takes):
-      raise ValueError(f"a tokenizer takes the execution overrides {takes} (and dtype=), not "
-                       f"{sorted(set(overrides) - set(takes))}")
-    model_cfg.update(overrides)
+    # its blocks run unrolled and without remat: scan=False / remat="none" (a probe config's) say just that
+    unrolled = {k: v for k, v in overrides.items() if (k, v) in (("scan", False), ("remat", "none"))}
+    other = sorted(set(overrides) - set(takes) - set(unrolled))
+    if other:
+      raise ValueError(f"a tokenizer takes the execution overrides {takes} (and dtype=), not {other}")
+    model_cfg.update({k: v for k, v in overrides.items() if k in takes})
   elif kind == "mim":
     backbone = dict(model_cfg["backbone"])
     top = [k for k in EXECUTION_FIELDS if k != "dtype"]  # BEiTForMIM's own fields, which it hands to its backbone

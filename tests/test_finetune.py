@@ -339,6 +339,22 @@ def test_export_then_import_round_trips_exactly(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), again.params, params)
 
 
+def test_probe_encoders_run_with_the_configs_execution_fields(tmp_path):
+  """A probe or k-NN run's encoder (loaded from init_from, or the random-init baseline) runs with its
+  config.model's dtype and other execution fields (they were ignored: a bf16 probe ran in float32)."""
+  from beitv2_jax import api
+  cfg = load_config("linprobe_tiny").model
+  cfg.update(dtype="bfloat16", attention="xla", patch_embed="matmul")
+  m = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=0,
+                        init_values=0.1, rel_pos="shared", use_abs_pos_emb=False, final_norm="norm")
+  params = m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  path = str(tmp_path / "enc.safetensors")
+  beitv2_jax.export_state_dict(beitv2_jax.Model("classifier", m, params, {}), path)
+  for init_from in (path, ""):
+    enc = api.load_encoder(init_from, cfg, seed=0).module
+    assert (enc.dtype, enc.attention, enc.patch_embed) == (jnp.bfloat16, "xla", "matmul"), init_from
+
+
 def test_finetuned_classifier_loads_in_timm_with_identical_logits(tmp_path):
   torch = pytest.importorskip("torch")
   timm = pytest.importorskip("timm")
