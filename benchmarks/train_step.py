@@ -304,7 +304,7 @@ def torch_finetune_step(size: str, batch: int, steps: int) -> dict:
               threads=torch.get_num_threads())
 
 
-def max_batch(task: str, size: str, dtype: str, remat: str, attention: str = "auto") -> dict:
+def max_batch(task: str, size: str, dtype: str, remat: str, attention: str = "auto", **execution) -> dict:
   """Largest per-device batch that fits: the compiled step's bytes at two batch sizes give a linear
   model (fixed + per-example), its prediction for the device's memory is then run for real, stepping down
   by 10% on out-of-memory. Three compiles instead of a bisection's eight or more."""
@@ -314,18 +314,18 @@ def max_batch(task: str, size: str, dtype: str, remat: str, attention: str = "au
   if not limit:
     raise RuntimeError("the device reports no memory limit (CPU?): --max-batch needs an accelerator")
   b1, b2 = 32, 64
-  built = _build(task, size, dtype, b1 * n, remat, False, attention)  # one task, compiled at two batches
+  built = _build(task, size, dtype, b1 * n, remat, False, attention, **execution)  # compiled at two batches
   m1, m2 = (compiled_bytes(built, b * n) for b in (b1, b2))
   del built
   per_example = (m2 - m1) / (b2 - b1)
   fixed = m1 - per_example * b1
   guess = int((0.97 * limit - fixed) // per_example)
-  row = dict(task=task, size=size, dtype=dtype, remat=remat, bytes_limit_gb=limit / 2 ** 30,
+  row = dict(task=task, size=size, dtype=dtype, remat=remat, **execution, bytes_limit_gb=limit / 2 ** 30,
              fixed_gb=fixed / 2 ** 30, mb_per_example=per_example / 2 ** 20, predicted_max=guess)
   b = guess
   for _ in range(4):
     try:
-      r = bench(task, size, dtype, b * n, 3, remat, attention=attention)
+      r = bench(task, size, dtype, b * n, 3, remat, attention=attention, **execution)
       row.update(max_batch_per_device=b, img_per_sec=r["img_per_sec"], mfu=r["mfu"], peak_mem_gb=r["peak_mem_gb"])
       return row
     except Exception as e:  # out of memory
@@ -370,17 +370,17 @@ def main():
 
   for task in a.tasks.split(","):
     for attention in a.attention.split(","):
-      if a.max_batch:
-        for remat in a.remat.split(",") if task != "tokenizer" else ["none"]:
-          emit(max_batch(task, a.size, dtype, remat, attention))
-        continue
       for add_norm, residual, patch in itertools.product(a.add_norm.split(","), a.residual.split(","),
                                                          a.patch_embed.split(",")):
+        execution = dict(add_norm=add_norm, residual_dtype=residual, patch_embed=patch)
+        if a.max_batch:
+          for remat in a.remat.split(",") if task != "tokenizer" else ["none"]:
+            emit(max_batch(task, a.size, dtype, remat, attention, **execution))
+          continue
         trace = (f"{task}_{attention}_{add_norm}" + ("" if residual == "float32" else f"_{residual}")
                  + ("" if patch == "conv" else f"_patch_{patch}"))
         emit(bench(task, a.size, dtype, batch, a.steps, a.remat, a.scan, attention, a.host_input,
-                   os.path.join(a.profile, trace) if a.profile else "", add_norm=add_norm,
-                   residual_dtype=residual, patch_embed=patch))
+                   os.path.join(a.profile, trace) if a.profile else "", **execution))
   if a.torch:
     emit(torch_finetune_step(a.size, batch, a.steps))
   return rows
