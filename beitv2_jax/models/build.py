@@ -40,6 +40,12 @@ def dtype_of(name: str | Any):
   return DTYPES[name]
 
 
+def execution_of(module) -> dict:
+  """The execution fields a model module holds (of EXECUTION_FIELDS), to hand on to the VisionTransformer
+  it builds: one place, so that a new field reaches every backbone."""
+  return {k: getattr(module, k) for k in EXECUTION_FIELDS if hasattr(module, k)}
+
+
 def split_execution(model_config) -> tuple[dict, dict]:
   """`config.model` -> (architecture fields, execution fields with the dtype resolved)."""
   fields = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)

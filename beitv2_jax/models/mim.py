@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from beitv2_jax.models.build import execution_of
 from beitv2_jax.models.vit import LN_EPS, Block, VisionTransformer, rescale_init, trunc_normal
 
 Array = jax.Array
@@ -68,10 +69,7 @@ class BEiTForMIM(nn.Module):
   def setup(self):
     if not 0 < self.early_layers <= self.backbone["depth"]:
       raise ValueError(f"early_layers={self.early_layers} must be in [1, depth={self.backbone['depth']}]")
-    self.vit = VisionTransformer(**self.backbone, dtype=self.dtype, scan=self.scan, remat=self.remat,
-                                 attention=self.attention, add_norm=self.add_norm,
-                                 residual_dtype=self.residual_dtype, patch_embed=self.patch_embed,
-                                 name="backbone")
+    self.vit = VisionTransformer(**self.backbone, **execution_of(self), name="backbone")
     self.norm = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name="norm")
     self.lm_head = nn.Dense(self.vocab_size, kernel_init=trunc_normal(0.02, 1.0), dtype=self.dtype,
                             name="lm_head")
@@ -106,9 +104,7 @@ class BEiTForMIM(nn.Module):
   @nn.nowrap
   def vit_module(self) -> VisionTransformer:
     """The backbone as a standalone module (params: this model's `backbone` subtree)."""
-    return VisionTransformer(**self.backbone, dtype=self.dtype, scan=self.scan, remat=self.remat,
-                             attention=self.attention, add_norm=self.add_norm,
-                             residual_dtype=self.residual_dtype, patch_embed=self.patch_embed, parent=None)
+    return VisionTransformer(**self.backbone, **execution_of(self), parent=None)
 
   def fix_init(self, params: dict) -> dict:
     params = dict(params)

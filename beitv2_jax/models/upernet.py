@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from beitv2_jax.models.build import execution_of
 from beitv2_jax.models.vit import VisionTransformer, gelu
 
 Array = jax.Array
@@ -155,9 +156,7 @@ class UperNetBEiT(nn.Module):
                              depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, num_classes=0,
                              use_abs_pos_emb=False, rel_pos="layer", init_values=self.init_values,
                              drop_path_rate=self.drop_path_rate, final_norm="none", init_style="finetune",
-                             dtype=self.dtype, scan=self.scan, remat=self.remat, attention=self.attention,
-                             add_norm=self.add_norm, residual_dtype=self.residual_dtype,
-                             patch_embed=self.patch_embed, name="backbone")
+                             **execution_of(self), name="backbone")
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> tuple[Array, Array]:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from beitv2_jax.models import quantizer
+from beitv2_jax.models.build import execution_of
 from beitv2_jax.models.vit import VisionTransformer, rescale_init, trunc_normal
 
 Array = jax.Array
@@ -64,18 +65,12 @@ class VQKD(nn.Module):
   patch_embed: str = "conv"
 
   @nn.nowrap
-  def execution(self) -> dict:
-    """How the encoder and decoder run (the execution fields they take from this module)."""
-    return dict(dtype=self.dtype, attention=self.attention, add_norm=self.add_norm,
-                residual_dtype=self.residual_dtype, patch_embed=self.patch_embed)
-
-  @nn.nowrap
   def encoder_module(self) -> VisionTransformer:
     """The encoder as a standalone module (params: this model's `encoder` subtree)."""
-    return VisionTransformer(**self.encoder, **self.execution(), parent=None)
+    return VisionTransformer(**self.encoder, **execution_of(self), parent=None)
 
   def setup(self):
-    run = self.execution()
+    run = execution_of(self)  # no scan / remat fields: its blocks run unrolled
     self.enc = VisionTransformer(**self.encoder, **run, name="encoder")
     self.dec = VisionTransformer(**self.decoder, **run, name="decoder")
     dense = lambda n, name: nn.Dense(n, kernel_init=trunc_normal(0.02), dtype=jnp.float32, name=name)
