@@ -139,6 +139,34 @@ def test_loss_equals_direct_computation(tokenizer_dir, tmp_path):
   np.testing.assert_allclose(float(metrics["loss_1"]) + float(metrics["loss_2"]), direct, rtol=1e-5)
 
 
+def test_cross_entropy_and_hits_equal_optax_and_argmax_and_the_backward_has_no_scatter():
+  """pretrain.cross_entropy_and_hits, the MIM heads' loss and accuracy: optax's cross-entropy to the bit, the
+  argmax's hits on bfloat16 logits with tied maxima (argmax takes the first), optax's gradient, and a backward
+  with no scatter into the (..., V) logits (what the one-hot form is for)."""
+  import optax
+  from beitv2_jax.train.pretrain import cross_entropy_and_hits
+  rng = np.random.RandomState(0)
+  logits = jnp.asarray(rng.randn(3, 5, 40) * 3, jnp.bfloat16)  # bf16: ties at the row maximum happen
+  logits = logits.at[0, 0, 7].set(logits[0, 0].max()).at[0, 0, 3].set(logits[0, 0].max())  # a tie at 3 and 7
+  labels = jnp.asarray(rng.randint(0, 40, (3, 5)), jnp.int32).at[0, 0].set(7).at[0, 1].set(
+      jnp.argmax(logits[0, 1]))
+  ce, hits = cross_entropy_and_hits(logits, labels)
+  f32 = logits.astype(jnp.float32)
+  np.testing.assert_array_equal(ce, optax.softmax_cross_entropy_with_integer_labels(f32, labels))
+  np.testing.assert_array_equal(hits, (jnp.argmax(f32, -1) == labels).astype(jnp.float32))
+  assert hits[0, 0] == 0 and hits[0, 1] == 1  # the tie goes to index 3, not the label 7
+
+  def ours(x):
+    return jnp.sum(cross_entropy_and_hits(x, labels)[0] * jnp.arange(1.0, 16.0).reshape(3, 5))
+
+  def reference(x):
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, labels) * jnp.arange(1.0, 16.0).reshape(3, 5))
+
+  np.testing.assert_allclose(jax.grad(ours)(f32), jax.grad(reference)(f32), rtol=0, atol=1e-6)
+  assert "scatter" in str(jax.make_jaxpr(jax.grad(reference))(f32))  # what the reference's backward does
+  assert "scatter" not in str(jax.make_jaxpr(jax.grad(ours))(f32))
+
+
 def test_train_steps_on_8_devices_equal_1_device_with_real_updates(tokenizer_dir, tmp_path):
   """Three whole steps (tokenizer targets + student fwd/bwd + AdamW, learning rate > 0 from step 0) on an
   8-device data mesh and on a 2 x 4 data x fsdp mesh equal the 1-device steps on the same global batches

@@ -4,7 +4,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from beitv2_jax import api, flops
 from beitv2_jax.data import transforms
@@ -34,6 +33,21 @@ class MIMEval:
 def tokenizer_view(batch: dict):
   """The tokenizer's view: its own field when the two views differ, else the ViT's (transforms.MIMTrain)."""
   return batch.get("tokenizer_image", batch["image"])
+
+
+def cross_entropy_and_hits(logits, labels):
+  """(..., V) logits (computed in float32), (...) integer labels -> (cross-entropy, argmax == label as float32).
+
+  The values of optax.softmax_cross_entropy_with_integer_labels, with the label's logit picked by a one-hot
+  mask instead of take_along_axis: the gradient of a gather is a scatter into a zero (..., V) float32 tensor,
+  which XLA runs as three passes over the 8192-way logits (softmax x g, the scatter, the cast for the lm_head
+  matmuls); through the mask, softmax - one-hot is one elementwise pass (the roofline of the ViT-B/16 MIM step
+  on an H100: see benchmarks/RESULTS.md). Summing a row of zeros and one logit is exact."""
+  logits = logits.astype(jnp.float32)
+  one_hot = labels[..., None] == jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
+  label_logit = jnp.sum(jnp.where(one_hot, logits, 0.0), axis=-1)
+  ce = jax.nn.logsumexp(logits, axis=-1) - label_logit
+  return ce, (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
 
 def load_tokenizer(config) -> api.Model:
@@ -151,10 +165,8 @@ class PretrainTask(Task):
     images = transforms.imagenet_normalize(batch["image"])
     rngs = {"dropout": rng} if rng is not None else {}
     main, agg = self.model.apply({"params": params}, images, mask, self.num_masked, train, rngs=rngs)
-    ce1 = optax.softmax_cross_entropy_with_integer_labels(main, labels)
-    ce2 = optax.softmax_cross_entropy_with_integer_labels(agg, labels)
-    acc1 = (jnp.argmax(main, -1) == labels).astype(jnp.float32)
-    acc2 = (jnp.argmax(agg, -1) == labels).astype(jnp.float32)
+    ce1, acc1 = cross_entropy_and_hits(main, labels)
+    ce2, acc2 = cross_entropy_and_hits(agg, labels)
     return ce1, ce2, acc1, acc2, labels
 
   def train_step(self, state, batch, frozen):
