@@ -160,3 +160,39 @@ def test_vit_pads_tokens_once_for_the_fused_path(monkeypatch):
   flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref_grads))
   for path, g in jax.tree_util.tree_leaves_with_path(out_grads):
     np.testing.assert_allclose(g, flat_ref[path], atol=1e-6, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("tower", ["clip", "siglip", "dino", "dinov2_registers"])
+def test_teacher_towers_pad_tokens_once_for_the_fused_path(monkeypatch, tower):
+  """The teachers' towers (hf_vits) on the fused path pad their tokens once before the first layer (65 with
+  [CLS], 49 without, 67 with [CLS] and 2 registers -> the next multiple of 8), mask them as keys in every
+  layer and drop them after the last: run through jax's XLA implementation of the fused call (CPU), the
+  output equals the explicit form's."""
+  from beitv2_jax.models import hf_vits
+  kw = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, patch_size=4, image_size=32)
+  make, size, tokens = {
+      "clip": (lambda: hf_vits.CLIPVision(**kw, projection_dim=16), 32, 65),
+      "siglip": (lambda: hf_vits.SiglipVision(**dict(kw, image_size=28)), 28, 49),
+      "dino": (lambda: hf_vits.DINOViT(**kw), 32, 65),
+      "dinov2_registers": (lambda: hf_vits.Dinov2ViT(**kw, num_register_tokens=2), 32, 67)}[tower]
+  x = jax.random.uniform(jax.random.key(0), (2, size, size, 3))
+  model = make()
+  params = model.init(jax.random.key(1), x)["params"]
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
+  ref = jax.jit(lambda p: model.apply({"params": p}, x))(params)
+  seen = []  # what each layer hands the attention: (tokens, valid)
+  real_attention, real_fused = attention_lib.attention, attention_lib.fused_attention
+
+  def recorded(q, k, v, *args, **kwargs):
+    seen.append((q.shape[1], kwargs.get("valid")))
+    return real_attention(q, k, v, *args, **kwargs)
+
+  monkeypatch.setattr(attention_lib, "resolve", lambda impl, dtype, head_dim: "cudnn")
+  monkeypatch.setattr(attention_lib, "attention", recorded)
+  monkeypatch.setattr(attention_lib, "fused_attention",
+                      lambda q, k, v, bias, valid, implementation: real_fused(q, k, v, bias, valid, implementation="xla"))
+  out = jax.jit(lambda p: model.apply({"params": p}, x))(params)
+  padded = tokens + (-tokens) % 8
+  assert padded > tokens and seen == [(padded, tokens)] * kw["num_layers"], seen
+  assert out.shape == ref.shape
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)

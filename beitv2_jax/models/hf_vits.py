@@ -41,12 +41,13 @@ class _Attention(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, valid: int):
+    """x: (B, N, D) whose first `valid` tokens are real; the rest is padding (_stack), masked as keys."""
     b, n, d = x.shape
     dense = lambda name, nout=d: nn.Dense(nout, dtype=self.dtype, name=name)
     q_name, k_name, v_name, o_name = self.names
     q, k, v = (dense(name)(x).reshape(b, n, self.heads, -1) for name in (q_name, k_name, v_name))
-    out = attention_lib.attention(q, k, v).reshape(b, n, d)  # "auto": fused on GPUs in 16-bit
+    out = attention_lib.attention(q, k, v, valid=valid).reshape(b, n, d)  # "auto": fused on GPUs in 16-bit
     return dense(o_name)(out) if o_name else out
 
 
@@ -86,20 +87,30 @@ def _patches(t: _Tower, pixels, name, use_bias=True):
 
 
 def _stack(t: _Tower, x, layer, *names):
-  """`layer(m, x)` in modules "0".."num_layers-1", nested under `names` (e.g. "encoder", "layers")."""
+  """`layer(m, x, valid)` in modules "0".."num_layers-1", nested under `names` (e.g. "encoder", "layers").
+
+  Where attention runs fused (a GPU in 16-bit), the tokens are padded here once, to the kernel's multiple,
+  and dropped after the last layer, as models/vit.py does: q, k and v then come out of their projections
+  padded, instead of being padded (and the output sliced) in every layer. The padded tokens are masked as
+  keys (`valid`), so the real tokens' outputs are unchanged; per-token ops leave them finite."""
+  n = x.shape[1]
+  pad = attention_lib.padded_length(n, attention_lib.resolve("auto", t.dtype, t.hidden_size // t.num_heads)) - n
+  if pad:
+    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+
   def run(m, x):
     for i in range(t.num_layers):
-      x = _Nest(layer, name=str(i))(x)
+      x = _Nest(layer, name=str(i))(x, n)
     return x
   for name in reversed(names):
     run = (lambda inner, name: lambda m, x: _Nest(inner, name=name)(x))(run, name)
-  return run(None, x)
+  return run(None, x)[:, :n]
 
 
-def _clip_style_layer(t: _Tower, m, x):
+def _clip_style_layer(t: _Tower, m, x, valid):
   """CLIP's and SigLIP's block: layer_norm1, self_attn (q/k/v/out_proj), layer_norm2, mlp (fc1, fc2)."""
   h = _Attention(t.num_heads, ("q_proj", "k_proj", "v_proj", "out_proj"), t.dtype,
-                 name="self_attn")(_ln(t, "layer_norm1")(x))
+                 name="self_attn")(_ln(t, "layer_norm1")(x), valid)
   x = x + h.astype(jnp.float32)
   h = _Nest(lambda m, y: _mlp(m, y, t.intermediate_size, t.hidden_size, _activation(t.hidden_act), t.dtype),
             name="mlp")(_ln(t, "layer_norm2")(x))
@@ -125,7 +136,7 @@ class CLIPVision(_Tower):
 
     def vision_model(m, pixels):
       x = _ln(self, "pre_layrnorm")(_Nest(embeddings, name="embeddings")(pixels))
-      x = _stack(self, x, lambda m, x: _clip_style_layer(self, m, x), "encoder", "layers")
+      x = _stack(self, x, lambda m, x, valid: _clip_style_layer(self, m, x, valid), "encoder", "layers")
       return _ln(self, "post_layernorm")(x)  # applied to every token: the VQ-KD target, not HF's pooled output
 
     x = _Nest(vision_model, name="vision_model")(pixels)
@@ -150,8 +161,8 @@ class DINOViT(_Tower):
   def __call__(self, pixels: Array) -> Array:
     act, d = _activation(self.hidden_act), self.hidden_size
 
-    def layer(m, x):
-      h = _HFViTAttention(self.num_heads, self.dtype, name="attention")(_ln(self, "layernorm_before")(x))
+    def layer(m, x, valid):
+      h = _HFViTAttention(self.num_heads, self.dtype, name="attention")(_ln(self, "layernorm_before")(x), valid)
       x = x + h.astype(jnp.float32)
       h = _ln(self, "layernorm_after")(x)
       h = _Nest(lambda m, y: act(nn.Dense(self.intermediate_size, dtype=self.dtype, name="dense")(y)),
@@ -170,8 +181,8 @@ class _HFViTAttention(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x):
-    h = _Attention(self.heads, ("query", "key", "value", None), self.dtype, name="attention")(x)
+  def __call__(self, x, valid: int):
+    h = _Attention(self.heads, ("query", "key", "value", None), self.dtype, name="attention")(x, valid)
     return _Nest(lambda m, y: nn.Dense(x.shape[-1], dtype=self.dtype, name="dense")(y), name="output")(h)
 
 
@@ -206,8 +217,8 @@ class Dinov2ViT(_Tower):
     def layer_scale(name):
       return _Nest(lambda m, y: y * m.param("lambda1", nn.initializers.ones, (d,)), name=name)
 
-    def layer(m, x):
-      h = _HFViTAttention(self.num_heads, self.dtype, name="attention")(_ln(self, "norm1")(x))
+    def layer(m, x, valid):
+      h = _HFViTAttention(self.num_heads, self.dtype, name="attention")(_ln(self, "norm1")(x), valid)
       x = x + layer_scale("layer_scale1")(h.astype(jnp.float32))
       h = _Nest(lambda m, y: _mlp(m, y, self.intermediate_size, d, _activation(self.hidden_act), self.dtype),
                 name="mlp")(_ln(self, "norm2")(x))
@@ -232,7 +243,7 @@ class SiglipVision(_Tower):
 
     def vision_model(m, pixels):
       x = _Nest(embeddings, name="embeddings")(pixels)
-      x = _stack(self, x, lambda m, x: _clip_style_layer(self, m, x), "encoder", "layers")
+      x = _stack(self, x, lambda m, x, valid: _clip_style_layer(self, m, x, valid), "encoder", "layers")
       return _ln(self, "post_layernorm")(x)
 
     return _Nest(vision_model, name="vision_model")(pixels)
