@@ -262,11 +262,12 @@ def by_category(ks: list[Kernel]) -> list[dict]:
 
 def source_group(op_name: str) -> str:
   """'jit(train_step)/transpose(jvp(BEiTForMIM))/backbone/blocks_3/mlp/fc1/dot_general' ->
-  'bwd BEiTForMIM/backbone/blocks_*/mlp/fc1/dot_general': one group for the same op in every layer."""
+  'bwd BEiTForMIM/backbone/blocks_*/mlp/fc1/dot_general': one group for the same op in every layer (the
+  teachers' towers number theirs as path components, 'encoder/layers/3/mlp': 'encoder/layers/*/mlp')."""
   name = op_name.replace("jit(train_step)/", "")
   direction = "bwd " if name.startswith("transpose(") else ""
   name = re.sub(r"^(transpose\()?jvp\(([^)]*)\)\)?", r"\2", name)
-  return direction + re.sub(r"_\d+(?=/|$)", "_*", name)
+  return direction + re.sub(r"(?<=/)\d+(?=/)", "*", re.sub(r"_\d+(?=/|$)", "_*", name))
 
 
 def by_source(ks: list[Kernel]) -> list[dict]:

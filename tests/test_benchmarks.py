@@ -159,6 +159,8 @@ def test_roofline_reads_gpu_custom_calls():
   assert att.category == "attention (cuDNN)" and att.flops == 4 * 2 * 4 * 200 * 200 * 64
   assert att.bytes == 3 * 2 * (2 * 200 * 4 * 64) + 2 * 4 * 200 * 200 + 2 * (2 * 200 * 4 * 64)
   assert hlo_roofline.source_group(mm.op_name) == "bwd BEiTForMIM/backbone/blocks_*/mlp/fc1/dot_general"
+  assert (hlo_roofline.source_group("jit(train_step)/CLIPVision/vision_model/encoder/layers/11/mlp/fc1/dot_general")
+          == "CLIPVision/vision_model/encoder/layers/*/mlp/fc1/dot_general")
   rows, totals = hlo_roofline.measured_vs_bound({"fmha.1": 3e6 * 2, "memcpy": 1e6}, list(ks.values()), steps=2)
   assert [r["source"] for r in rows] == ["BEiTForMIM/backbone/blocks_*/attn/dot_product_attention_fwd"]
   assert rows[0]["measured_ms"] == pytest.approx(3.0) and rows[0]["efficiency"] == pytest.approx(att.ms / 3.0)
