@@ -128,6 +128,25 @@ def test_vit_logits_cudnn_vs_xla():
   assert _rel(out, ref) < 2e-2
 
 
+def _fused_path_on_cpu(monkeypatch) -> list:
+  """Every attention takes the fused path ("cudnn"), its call run through jax's XLA implementation of the
+  same fused call (this CPU has no cuDNN). Returns the list each call of attention_lib.attention appends
+  (tokens, valid) to: what the model hands it (handed too few tokens, it pads q, k and v itself, so the
+  fused call sees the padded count either way)."""
+  seen = []
+  real_attention, real_fused = attention_lib.attention, attention_lib.fused_attention
+
+  def recorded(q, k, v, *args, **kwargs):
+    seen.append((q.shape[1], kwargs.get("valid")))
+    return real_attention(q, k, v, *args, **kwargs)
+
+  monkeypatch.setattr(attention_lib, "resolve", lambda impl, dtype, head_dim: "cudnn")
+  monkeypatch.setattr(attention_lib, "attention", recorded)
+  monkeypatch.setattr(attention_lib, "fused_attention",
+                      lambda q, k, v, bias, valid, implementation: real_fused(q, k, v, bias, valid, implementation="xla"))
+  return seen
+
+
 @jax.default_matmul_precision("highest")
 def test_vit_pads_tokens_once_for_the_fused_path(monkeypatch):
   """The fused path pads the 17 tokens of a 64 px / 16 px ViT to 24 before the q/k/v projections and drops
@@ -144,18 +163,10 @@ def test_vit_pads_tokens_once_for_the_fused_path(monkeypatch):
 
   # jitted: op by op, the backward pass dispatches (and compiles) hundreds of small ops
   ref_loss, ref_grads = jax.jit(lambda p: jax.value_and_grad(loss)(p, model))(params)
-  seen = []
-  real = attention_lib.fused_attention
-
-  def fused_on_cpu(q, k, v, bias, valid, implementation):
-    seen.append((q.shape[1], valid))
-    return real(q, k, v, bias, valid, implementation="xla")
-
-  monkeypatch.setattr(attention_lib, "resolve", lambda impl, dtype, head_dim: "cudnn")
-  monkeypatch.setattr(attention_lib, "fused_attention", fused_on_cpu)
+  seen = _fused_path_on_cpu(monkeypatch)
   fused = VisionTransformer(**kw, attention="cudnn")
   out_loss, out_grads = jax.jit(lambda p: jax.value_and_grad(loss)(p, fused))(params)
-  assert seen and all(s == (24, 17) for s in seen)
+  assert seen and all(s == (24, 17) for s in seen), seen
   np.testing.assert_allclose(out_loss, ref_loss, rtol=1e-5)
   flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref_grads))
   for path, g in jax.tree_util.tree_leaves_with_path(out_grads):
@@ -180,17 +191,7 @@ def test_teacher_towers_pad_tokens_once_for_the_fused_path(monkeypatch, tower):
   params = model.init(jax.random.key(1), x)["params"]
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
   ref = jax.jit(lambda p: model.apply({"params": p}, x))(params)
-  seen = []  # what each layer hands the attention: (tokens, valid)
-  real_attention, real_fused = attention_lib.attention, attention_lib.fused_attention
-
-  def recorded(q, k, v, *args, **kwargs):
-    seen.append((q.shape[1], kwargs.get("valid")))
-    return real_attention(q, k, v, *args, **kwargs)
-
-  monkeypatch.setattr(attention_lib, "resolve", lambda impl, dtype, head_dim: "cudnn")
-  monkeypatch.setattr(attention_lib, "attention", recorded)
-  monkeypatch.setattr(attention_lib, "fused_attention",
-                      lambda q, k, v, bias, valid, implementation: real_fused(q, k, v, bias, valid, implementation="xla"))
+  seen = _fused_path_on_cpu(monkeypatch)
   out = jax.jit(lambda p: model.apply({"params": p}, x))(params)
   padded = tokens + (-tokens) % 8
   assert padded > tokens and seen == [(padded, tokens)] * kw["num_layers"], seen

@@ -76,6 +76,13 @@ def padded_length(n: int, impl: str, pad_multiple: int = _PAD_MULTIPLE) -> int:
   return n + (-n) % pad_multiple if impl == "cudnn" else n
 
 
+def pad_tokens(x: Array, impl: str) -> Array:
+  """(B, N, D) tokens with zero tokens appended up to padded_length(N, impl) (none for the explicit form):
+  padded before the q/k/v projections, q, k and v come out of them padded (callers pass `valid=N`)."""
+  pad = padded_length(x.shape[1], impl) - x.shape[1]
+  return jnp.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x
+
+
 def masked_padding_bias(bias: Optional[Array], valid: int, n: int, dtype) -> Array:
   """The (.., H, valid, valid) bias (or None) widened to (.., n, n) with the keys from `valid` on masked
   (-2^41), in `dtype`, shaped (1 or B, H or 1, n, n) as jax.nn.dot_product_attention takes it."""

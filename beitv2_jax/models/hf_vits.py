@@ -89,14 +89,13 @@ def _patches(t: _Tower, pixels, name, use_bias=True):
 def _stack(t: _Tower, x, layer, *names):
   """`layer(m, x, valid)` in modules "0".."num_layers-1", nested under `names` (e.g. "encoder", "layers").
 
-  Where attention runs fused (a GPU in 16-bit), the tokens are padded here once, to the kernel's multiple,
-  and dropped after the last layer, as models/vit.py does: q, k and v then come out of their projections
-  padded, instead of being padded (and the output sliced) in every layer. The padded tokens are masked as
-  keys (`valid`), so the real tokens' outputs are unchanged; per-token ops leave them finite."""
+  Where attention runs fused (a GPU in 16-bit), the tokens are padded here, once for the whole stack, to the
+  kernel's multiple and dropped after the last layer (models/vit.py pads each block's input): q, k and v
+  then come out of their projections padded, instead of being padded (and the output sliced) in every
+  layer. The padded tokens are masked as keys (`valid`), so the real tokens' outputs are unchanged; per-token
+  ops leave them finite."""
   n = x.shape[1]
-  pad = attention_lib.padded_length(n, attention_lib.resolve("auto", t.dtype, t.hidden_size // t.num_heads)) - n
-  if pad:
-    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+  x = attention_lib.pad_tokens(x, attention_lib.resolve("auto", t.dtype, t.hidden_size // t.num_heads))
 
   def run(m, x):
     for i in range(t.num_layers):

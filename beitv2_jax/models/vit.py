@@ -132,8 +132,8 @@ class Attention(nn.Module):
     kinit, binit, *_ = _inits(self.init_style)
     impl = attention_lib.resolve(self.attention, self.dtype, d // h)
     # The fused kernel wants a multiple of 8 tokens: pad once here, so that q, k, v come out padded.
-    n_pad = attention_lib.padded_length(n, impl)
-    x = jnp.pad(x, ((0, 0), (0, n_pad - n), (0, 0))) if n_pad > n else x
+    x = attention_lib.pad_tokens(x, impl)
+    n_pad = x.shape[1]
     q, k, v = QKV(kinit, self.dtype, name="qkv")(x)
     # The k bias is a constant zero (official: concat(q_bias, zeros, v_bias)).
     q = q + self.param("q_bias", nn.initializers.zeros, (d,)).astype(q.dtype)
