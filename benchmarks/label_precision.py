@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from beitv2_jax import api  # noqa: E402
-from beitv2_jax.data import sources, transforms  # noqa: E402
+from beitv2_jax.data import decode, sources, transforms  # noqa: E402
 from beitv2_jax.models import quantizer  # noqa: E402
 from beitv2_jax.models.build import DTYPES  # noqa: E402
 from beitv2_jax.models.vqkd import VQKD  # noqa: E402
@@ -119,7 +119,7 @@ def load_images(data: str, size: int, max_images: int = 0) -> list[tuple[str, np
         raw, name = [np.asarray(im.convert("RGB"))], "demo"
     elif kind in ("photos", "mnist5k"):
       src = sources.make_source(kind, split or "all")
-      raw, name = [sources.decode_image(src[i])[0] for i in range(len(src))], src.name
+      raw, name = [decode.decode_image(src[i])[0] for i in range(len(src))], src.name
     else:
       raise SystemExit(f"unknown data {item!r}: expected photos:<split>, mnist5k:<split> or demo")
     if max_images:

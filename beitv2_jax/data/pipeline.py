@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from beitv2_jax.data.seg_sources import decode_annotation
-from beitv2_jax.data.sources import decode_pil
+from beitv2_jax.data.decode import UnreadableImage, open_record
 
 _reported_bad: set = set()
 
@@ -27,19 +27,30 @@ _reported_bad: set = set()
 class ExampleFn:
   """record -> example dict. Decodes the image (and, for a segmentation transform, its annotation); a corrupt
   or unreadable file is logged once with its path, counted in the example's `bad` field, and replaced
-  deterministically by the next readable record of the source."""
+  deterministically by the next readable record of the source.
+
+  A transform that sets `decodes_rows` (the crop-box ones: it draws its box from the header's size, then
+  decodes only the rows above the box's bottom edge, decode.py) gets a JPEG undecoded and decodes it itself; a
+  file that fails there is replaced the same way, and the replacement sees the same random draws."""
 
   def __init__(self, source, transform: Callable, max_replacements: int = 64):
     self.source, self.transform, self.max_replacements = source, transform, max_replacements
 
   def __call__(self, record: dict, rng: np.random.Generator) -> dict:
-    bad = 0
+    bad, example = 0, None
     index = int(record.get("index", 0))
     segmentation = getattr(self.transform, "segmentation", False)
+    rows_later = getattr(self.transform, "decodes_rows", False) and not segmentation
     for attempt in range(self.max_replacements + 1):
-      image, ok = decode_pil(record)
+      image, ok = open_record(record, rows_later)
       if ok and segmentation:
         annotation, ok = decode_annotation(record)
+      if ok and rows_later:
+        draws = rng.bit_generator.state
+        try:
+          example = self.transform(image, rng)
+        except UnreadableImage:
+          ok, rng.bit_generator.state = False, draws
       if ok:
         break
       bad = 1
@@ -55,7 +66,7 @@ class ExampleFn:
         example = self.transform(np.asarray(image), annotation, rng)
       except ValueError as e:
         raise ValueError(f"{record.get('annotation_path', record.get('path', f'record {index}'))}: {e}") from None
-    else:
+    elif example is None:
       example = self.transform(image, rng)
     for field in getattr(self.transform, "record_fields", ()):  # what the record carries beside the image
       example[field] = record[field]

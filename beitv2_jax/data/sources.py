@@ -13,7 +13,6 @@ Names accepted by `make_source(name, split)`:
 from __future__ import annotations
 
 import gzip
-import io
 import os
 from typing import Optional, Sequence
 
@@ -219,29 +218,3 @@ def make_source(name: str, split: str):
     return SyntheticSource(int(arg) if arg else 10000)
   raise ValueError(f"unknown dataset {name!r}: expected tfds:<name>, folder:<root>, mnist5k, digits, "
                    f"photos[:short_side] or synthetic[:n]")
-
-
-def decode_image(record: dict) -> tuple[np.ndarray, bool]:
-  """Returns (uint8 HWC RGB image, ok). A corrupt or unreadable file gives ok=False."""
-  im, ok = decode_pil(record)
-  return np.asarray(im), ok
-
-
-def decode_pil(record: dict):
-  """Returns (RGB PIL image, ok), what the transforms take: a JPEG decodes straight into it (no numpy round
-  trip). A corrupt or unreadable file, or an empty image, gives ok=False."""
-  from PIL import Image
-  if "image" in record:
-    pixels = np.asarray(record["image"])
-    if pixels.ndim == 3 and pixels.shape[-1] == 1:
-      pixels = pixels[..., 0]
-    if pixels.size == 0:
-      return Image.new("RGB", (1, 1)), False
-    im = Image.fromarray(pixels)
-    return (im if im.mode == "RGB" else im.convert("RGB")), True
-  try:
-    im = Image.open(io.BytesIO(record["image_bytes"]))  # not `with`: closing would free the decoded pixels
-    im.load()
-    return (im if im.mode == "RGB" else im.convert("RGB")), min(im.size) > 0
-  except Exception:
-    return Image.new("RGB", (1, 1)), False

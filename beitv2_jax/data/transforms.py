@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps, ImageStat
 
+from beitv2_jax.data.decode import decoded
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -244,13 +246,16 @@ def as_uint8(im: Image.Image) -> np.ndarray:
 
 
 class TokenizerTrain:
-  """RandomResizedCrop(size, scale 0.08-1, bicubic) + flip; [0, 1] images (the VQ-KD recipe), no colour jitter."""
+  """RandomResizedCrop(size, scale 0.08-1, bicubic) + flip; [0, 1] images (the VQ-KD recipe), no colour jitter.
+  Takes a PIL image, or an undecoded JPEG (decode.EncodedJpeg) of which it decodes the rows down to the box."""
+  decodes_rows = True
 
   def __init__(self, size: int, scale=(0.08, 1.0)):
     self.size, self.scale = size, scale
 
-  def __call__(self, im: Image.Image, rng) -> dict:
+  def __call__(self, im, rng) -> dict:
     box = random_resized_crop_box(rng, *im.size, scale=self.scale)
+    im = decoded(im, rows=box[1] + box[3])
     return {"image": as_uint8(maybe_flip(crop_resize(im, box, self.size), rng))}
 
 
@@ -304,15 +309,17 @@ class MIMTrain:
 
 class FinetuneTrain:
   """timm create_transform(is_training): RandomResizedCrop(0.08-1, bicubic), flip, RandAugment
-  rand-m9-mstd0.5-inc1, (normalise), RandomErasing(0.25, pixel). `erase` marks the erased box."""
+  rand-m9-mstd0.5-inc1, (normalise), RandomErasing(0.25, pixel). `erase` marks the erased box. Takes a PIL
+  image, or an undecoded JPEG (decode.EncodedJpeg) of which it decodes the rows down to the box."""
+  decodes_rows = True
 
   def __init__(self, size: int, rand_augment_layers: int = 2, magnitude: float = 9.0, reprob: float = 0.25,
                scale=(0.08, 1.0)):
     self.size, self.layers, self.magnitude, self.reprob, self.scale = size, rand_augment_layers, magnitude, reprob, scale
 
-  def __call__(self, im: Image.Image, rng) -> dict:
+  def __call__(self, im, rng) -> dict:
     box = random_resized_crop_box(rng, *im.size, scale=self.scale)
-    im = maybe_flip(crop_resize(im, box, self.size), rng)
+    im = maybe_flip(crop_resize(decoded(im, rows=box[1] + box[3]), box, self.size), rng)
     if self.layers > 0:
       im = rand_augment(im, rng, self.layers, self.magnitude)
     return {"image": as_uint8(im), "erase": random_erasing_mask(rng, self.size, self.size, self.reprob)}
