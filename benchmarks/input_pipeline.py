@@ -202,6 +202,36 @@ def profile(fn, files: list[str], n: int, decode) -> dict:
   return ms
 
 
+def rows_decode_ms(files: list[str], reps: int = 8) -> dict:
+  """ms per image of the whole JPEG decode vs the decode down to a VQ-KD / fine-tune crop box's bottom row
+  (decode.py), interleaved image by image, on the files as they are (landscape) and turned to portrait."""
+  out = {}
+  for shape, turn in (("500x375", False), ("375x500", True)):
+    blobs = []
+    for path in files[:100]:
+      if turn:
+        buf = io.BytesIO()
+        Image.open(path).transpose(Image.TRANSPOSE).save(buf, format="JPEG", quality=90)
+        blobs.append(buf.getvalue())
+      else:
+        with open(path, "rb") as f:
+          blobs.append(f.read())
+    rng = np.random.default_rng(0)
+    size = (375, 500) if turn else (500, 375)
+    boxes = [transforms.random_resized_crop_box(rng, *size) for _ in blobs]
+    whole = rows = 0.0
+    for _ in range(reps):
+      for data, (_, top, _, h) in zip(blobs, boxes):
+        t0 = time.perf_counter()
+        decode.decode_pil({"image_bytes": data})
+        t1 = time.perf_counter()
+        decode.open_record({"image_bytes": data}, rows_later=True)[0].decode(top + h)
+        whole, rows = whole + t1 - t0, rows + time.perf_counter() - t1
+    n = reps * len(blobs)
+    out[shape] = (1e3 * whole / n, 1e3 * rows / n)
+  return out
+
+
 def batch_cost_ms(transform, files: list[str], batch: int = 64) -> float:
   """Stacking one batch of examples into arrays (grain's batch), ms per image."""
   rng = np.random.default_rng(0)
@@ -275,6 +305,9 @@ def print_profile(a, files, theirs):
     ops = sorted(set(mine) | set(ref), key=lambda k: (k in ("other", "total"), k == "total", -ref.get(k, mine.get(k))))
     for op in ops:
       print(f"| {op} | {mine.get(op, 0):.2f} | {f'{ref[op]:.2f}' if op in ref else 'n/a'} |")
+  for shape, (whole, rows) in rows_decode_ms(files).items():
+    print(f"JPEG decode {shape}, ms per image: whole {whole:.3f}, down to the RandomResizedCrop box's bottom "
+          f"row {rows:.3f} ({whole / rows:.2f}x)")
   print(flush=True)
 
 
