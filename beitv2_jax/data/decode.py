@@ -6,7 +6,7 @@ the rows it decodes (0.08 ms + 1.8 us per row for a 500x375 photo here). A Rando
 average, 14% (landscape, scale 0.08-1) to 22% (portrait) of the rows above the image's bottom edge: those rows
 need not be decoded. `EncodedJpeg.decode(rows)` decodes a copy of the file whose frame header (SOF) says the
 image is `rows` + ROW_MARGIN rows high. libjpeg then decodes exactly the same pixels in those top rows as from
-the whole file (tested pixel for pixel at every row count on 4:2:0, 4:2:2, 4:4:4, grey, progressive,
+the whole file (tested pixel for pixel at every row count on 4:2:0, 4:2:2, 4:4:4, grey, CMYK, progressive,
 restart-marker and odd-sized JPEGs), stops after them, and skips the rest of the scan data as extraneous bytes.
 The margin keeps the rows that chroma upsampling reads below the last needed one inside the shortened image, so
 libjpeg's bottom-edge handling never touches a needed row.
@@ -75,11 +75,9 @@ class EncodedJpeg:
       shortened[self.height_at:self.height_at + 2] = (rows + ROW_MARGIN).to_bytes(2, "big")
       data = bytes(shortened)
     try:
-      im = Image.open(io.BytesIO(data))  # not `with`: closing would free the decoded pixels
-      im.load()
+      return _decode_rgb(data)
     except Exception as e:
       raise UnreadableImage(f"{type(e).__name__}: {e}") from e
-    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def decoded(im: Union[Image.Image, EncodedJpeg], rows: Optional[int] = None) -> Image.Image:
@@ -116,11 +114,17 @@ def decode_pil(record: dict):
     im = Image.fromarray(pixels)
     return (im if im.mode == "RGB" else im.convert("RGB")), True
   try:
-    im = Image.open(io.BytesIO(record["image_bytes"]))  # not `with`: closing would free the decoded pixels
-    im.load()
-    return (im if im.mode == "RGB" else im.convert("RGB")), min(im.size) > 0
+    im = _decode_rgb(record["image_bytes"])
+    return im, min(im.size) > 0
   except Exception:
     return Image.new("RGB", (1, 1)), False
+
+
+def _decode_rgb(data: bytes) -> Image.Image:
+  """An image file's bytes decoded whole into an RGB PIL image; raises what PIL raises."""
+  im = Image.open(io.BytesIO(data))  # not `with`: closing would free the decoded pixels
+  im.load()
+  return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def decode_image(record: dict) -> tuple[np.ndarray, bool]:
