@@ -44,12 +44,66 @@ def test_top_rows_decode_to_the_whole_decodes_pixels_at_every_row_count(variant)
   whole = np.asarray(decode.decode_pil({"image_bytes": data})[0])
   height = whole.shape[0]
   frame = decode.jpeg_frame(data)
-  assert frame[1:] == (whole.shape[1], height)
+  assert frame[1:3] == (whole.shape[1], height)
   enc = decode.EncodedJpeg(data, *frame)
   for rows in range(1, height + 1):
     top = np.asarray(enc.decode(rows))
-    assert top.shape[0] == min(height, rows + decode.ROW_MARGIN)  # it really decodes fewer rows
+    assert top.shape[0] == min(height, rows + enc.margin)  # it really decodes fewer rows
     np.testing.assert_array_equal(top[:rows], whole[:rows], err_msg=f"{variant}: top {rows} rows")
+
+
+def _scans_cut(data: bytes, keep: int) -> bytes:
+  """A progressive JPEG with only its first `keep` scans, then the end-of-image marker: it decodes (blurrier),
+  and libjpeg's block smoothing of the incomplete coefficients reads block rows below each block."""
+  at = -1
+  for _ in range(keep + 1):
+    at = data.index(b"\xff\xda", at + 1)
+  tables = data.rfind(b"\xff\xc4", 0, at)  # the next scan's Huffman tables come just before it
+  return data[:tables if tables > data.index(b"\xff\xda", 0) else at] + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("subsampling", [2, 0], ids=["4:2:0", "4:4:4"])
+@pytest.mark.parametrize("keep", [1, 2, 4])
+def test_an_incompletely_coded_progressive_jpeg_decodes_to_the_same_top_rows(subsampling, keep):
+  """Progressive files cut after a few scans (a partial download, ending in EOI) decode whole without an error;
+  their top rows must not change when fewer rows are decoded (the progressive margin: ROW_MARGIN gave 2-3
+  levels of difference on 4:2:0 files)."""
+  data = _scans_cut(_jpeg(_photo(120, 90), progressive=True, subsampling=subsampling), keep)
+  whole, ok = decode.decode_pil({"image_bytes": data})
+  assert ok
+  whole = np.asarray(whole)
+  enc, _ = decode.open_record({"image_bytes": data}, True)
+  assert isinstance(enc, decode.EncodedJpeg) and enc.margin > decode.ROW_MARGIN
+  for rows in range(1, whole.shape[0] + 1):
+    np.testing.assert_array_equal(np.asarray(enc.decode(rows))[:rows], whole[:rows], err_msg=f"top {rows} rows")
+
+
+def test_files_a_whole_decode_reads_differently_are_decoded_whole():
+  """What the marker walk could misread, or what a whole decode refuses, never takes the rows-only path: a
+  fake frame header behind an FF00 byte pair (libjpeg skips FF00 and decodes the real 120x90 image), a frame
+  header taller than libjpeg's 65500 rows, a decompression bomb. Each comes back as the whole decode does."""
+  data = _jpeg(_photo(120, 90))
+  fake = b"\xff\xc0\x00\x11\x08\x10\x00\x10\x00\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01"  # 4096 x 4096
+  comment = b"\xff\xfe" + (len(fake) + 10).to_bytes(2, "big") + b"xxxx" + fake + b"yyyy"
+  behind_ff00 = data[:2] + b"\xff\x00\x00\x0a" + comment + data[2:]
+  at = decode.jpeg_frame(data)[0]
+  too_tall = data[:at] + b"\xff\xff" + data[at + 2:]
+  bomb = data[:at] + (20000).to_bytes(2, "big") + (20000).to_bytes(2, "big") + data[at + 4:]
+  for name, bad in (("FF00", behind_ff00), ("65535 rows", too_tall), ("bomb", bomb)):
+    im, ok = decode.open_record({"image_bytes": bad}, True)
+    assert not isinstance(im, decode.EncodedJpeg), name
+    want_im, want_ok = decode.decode_pil({"image_bytes": bad})
+    assert ok == want_ok and im.size == want_im.size, name
+  assert decode.open_record({"image_bytes": behind_ff00}, True)[0].size == (120, 90)
+
+
+def test_a_row_count_below_one_decodes_the_first_rows():
+  enc, _ = decode.open_record({"image_bytes": _jpeg(_photo(120, 90))}, True)
+  whole = np.asarray(enc.decode())
+  for rows in (0, -16, -17, -1000):
+    top = np.asarray(enc.decode(rows))
+    assert top.shape[0] == 1 + enc.margin
+    np.testing.assert_array_equal(top, whole[:top.shape[0]])
 
 
 def test_the_frame_header_is_found_past_an_exif_thumbnail():
@@ -59,7 +113,7 @@ def test_the_frame_header_is_found_past_an_exif_thumbnail():
   thumb = _jpeg(_photo(32, 24))
   app1 = b"Exif\0\0" + thumb  # not a valid TIFF body, but a segment to step over
   data = data[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + data[2:]
-  assert decode.jpeg_frame(data)[1:] == (120, 90)
+  assert decode.jpeg_frame(data)[1:3] == (120, 90)
   assert decode.jpeg_frame(b"\x89PNG\r\n") is None and decode.jpeg_frame(b"\xff\xd8\xff\xe0 not") is None
 
 
