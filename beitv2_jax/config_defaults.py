@@ -33,7 +33,12 @@ def base(task: str) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       name="mnist5k", train_split="train", eval_split="val", num_workers=0, read_threads=4,
-      device_prefetch=2))  # batches kept in flight to the devices ahead of the step
+      device_prefetch=2,  # batches kept in flight to the devices ahead of the step
+      # where the tokenizer's and MIM's training views are resized (the same pixels either way, data/canvas.py):
+      # "host" (PIL) or "device" (in the step, from the crop shipped in a resize_canvas-px canvas; 0: 2 x img_size,
+      # larger crops are resized on the host): ~30-50% less host time per image, 0.8 GFLOP per image on the
+      # device and 4x the bytes per example at 224 px (benchmarks/RESULTS.md); for when the input is the bottleneck
+      resize="host", resize_canvas=0))
   # data=-1: all devices / fsdp. With fsdp > 1, state leaves of at least fsdp_min_size elements are sharded.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=1 << 16))
   c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
@@ -238,6 +243,9 @@ def recipe_choice(arg: str, choices: tuple, recipe: str, default: str = "") -> s
   return arg
 
 
+RESIZE_PLACES = ("host", "device")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """The settings every task shares, and the model fields that would otherwise fail only after a compile
   (or silently): ValueError naming the field and its value. The loop adds the mesh-dependent checks."""
@@ -260,6 +268,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for field in ("keep_every_steps", "stop_after_steps", "eval_every_steps", "warmup_epochs"):
     if field in c:
       need(c[field] >= 0, field, "must be >= 0")
+  if "data" in c and "resize" in c.data:
+    need(c.data.resize in RESIZE_PLACES, "data.resize", f"must be one of {RESIZE_PLACES}")
+    need(c.data.get("resize_canvas", 0) >= 0, "data.resize_canvas", "must be >= 0 (0: 2 x model.img_size)")
+    if c.data.get("resize_canvas", 0) and "model" in c and "img_size" in c.model:
+      need(c.data.resize_canvas >= c.model.img_size, "data.resize_canvas",
+           f"must be >= model.img_size={c.model.img_size} (a crop resized on the host is shipped in it)")
   if "teacher_cache_views" in c:
     need(c.teacher_cache_views >= 0, "teacher_cache_views", "must be >= 0 (0: the teacher runs on every view)")
     need(c.random_teacher.patch_size >= 0, "random_teacher.patch_size", "must be >= 0 (0: the tokenizer's)")

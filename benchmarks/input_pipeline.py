@@ -1,8 +1,9 @@
 """Input-pipeline throughput: images/s per worker process for each task's transform on ImageNet-sized
 JPEGs (made from the photos that ship in scikit-image), side by side with the official recipe's
-torchvision transforms on the same files when torchvision is installed; where the host time goes, per op
-(`--profile`); then the whole grain pipeline (decode + transform + batch + worker transport) with N worker
-processes.
+torchvision transforms on the same files when torchvision is installed (the VQ-KD and MIM transforms also
+as they run with data.resize="device": the host's part, the last resize moved into the step, whose FLOPs and
+time on this machine's jax backend are printed); where the host time goes, per op (`--profile`); then the
+whole grain pipeline (decode + transform + batch + worker transport) with N worker processes.
 
   python benchmarks/input_pipeline.py [--images 200] [--workers 0,1,2] [--seconds 5] [--profile]
 """
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from beitv2_jax.data import decode, masking, pipeline, sources, transforms  # noqa: E402
+from beitv2_jax.data import canvas as canvas_lib, decode, masking, pipeline, sources, transforms  # noqa: E402
 
 
 def make_jpegs(folder: str, n: int) -> list[str]:
@@ -44,10 +45,37 @@ def make_jpegs(folder: str, n: int) -> list[str]:
   return paths
 
 
+ON_DEVICE = ", resized on the device"  # the host's part of a transform whose last resize runs in the step
+
+
 def ours(size: int) -> dict:
   mg = masking.MaskingGenerator((size // 16, size // 16), 75 if size == 224 else int(0.4 * (size // 16) ** 2))
-  return {"tokenizer": transforms.TokenizerTrain(size), "pretrain (MIM, 2 views + mask)": transforms.MIMTrain(size, mg),
+  board = 2 * size  # data.resize_canvas's default
+  return {"tokenizer": transforms.TokenizerTrain(size),
+          "tokenizer" + ON_DEVICE: transforms.TokenizerTrain(size, canvas=board),
+          "pretrain (MIM, 2 views + mask)": transforms.MIMTrain(size, mg),
+          "pretrain (MIM, 2 views + mask)" + ON_DEVICE: transforms.MIMTrain(size, mg, canvas=board),
           "finetune": transforms.FinetuneTrain(size), "eval": transforms.EvalTransform(size)}
+
+
+def device_resize_cost(size: int, batch: int = 64) -> tuple[float, float]:
+  """(XLA's FLOP count per image, ms per image on this machine's jax backend) of the step's resize of
+  `batch` canvases of 2 x size px (data/canvas.py) to size px."""
+  import jax
+  from beitv2_jax.data import canvas
+  rng = np.random.default_rng(0)
+  examples = [canvas.pack(rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8), size, 2 * size)
+              for h, w in rng.integers(size // 2, 2 * size + 1, (batch, 2))]
+  args = [np.stack([e[k] for e in examples]) for k in ("canvas", "canvas_rows", "canvas_cols", "canvas_transposed")]
+  fn = jax.jit(canvas.resize)
+  compiled = fn.lower(*args).compile()
+  cost = compiled.cost_analysis()
+  flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+  jax.block_until_ready(fn(*args))
+  t0, reps = time.perf_counter(), 5
+  for _ in range(reps):
+    jax.block_until_ready(fn(*args))
+  return flops / batch, 1e3 * (time.perf_counter() - t0) / reps / batch
 
 
 def official(size: int) -> dict:
@@ -173,7 +201,8 @@ def op_targets() -> list:
              (Image.Image, "crop", "crop"),
              (Image.Image, "resize", "resize"), (Image.Image, "transpose", "flip"),
              (transforms, "rand_augment", "RandAugment"), (transforms, "random_erasing_mask", "erasing"),
-             (masking.MaskingGenerator, "__call__", "block mask"), (transforms, "as_uint8", "to array")]
+             (masking.MaskingGenerator, "__call__", "block mask"), (transforms, "as_uint8", "to array"),
+             (canvas_lib, "pack", "into the canvas")]
   try:
     import torchvision.transforms.functional as F
     from timm.data import auto_augment, random_erasing
@@ -275,7 +304,7 @@ def main():
   print("|---|---|---|---|---|")
   theirs = official(a.size)
   for name, fn in ours(a.size).items():
-    t = theirs.get(name)
+    t = theirs.get(name.replace(ON_DEVICE, ""))
     rows = getattr(fn, "decodes_rows", False)
     sides = [(fn, decoder_for(fn))]
     if t is not None:
@@ -289,18 +318,23 @@ def main():
           flush=True)
   if a.profile:
     print_profile(a, files, theirs)
-  mim = ours(a.size)["pretrain (MIM, 2 views + mask)"]
-  print(f"stacking a batch of 64 MIM examples: {batch_cost_ms(mim, files):.3f} ms per image")
+  flops, ms = device_resize_cost(a.size)
+  print(f"the step's resize of {2 * a.size} px canvases to {a.size} px: {flops / 1e9:.2f} GFLOP per image "
+        f"(XLA's count), {ms:.2f} ms per image on this machine's jax backend", flush=True)
+  mims = {k: v for k, v in ours(a.size).items() if k.startswith("pretrain")}
+  for name, mim in mims.items():
+    print(f"stacking a batch of 64 examples, {name}: {batch_cost_ms(mim, files):.3f} ms per image")
   for w in [int(x) for x in a.workers.split(",")]:
-    print(f"grain pipeline, MIM transform, {w} worker processes: {grain_rate(folder, mim, w, a.seconds):.0f} img/s",
-          flush=True)
+    for name, mim in mims.items():
+      print(f"grain pipeline, {name}, {w} worker processes: {grain_rate(folder, mim, w, a.seconds):.0f} img/s",
+            flush=True)
 
 
 def print_profile(a, files, theirs):
   n = max(50, int(a.seconds * 60))
   for name, fn in ours(a.size).items():
     mine = profile(fn, files, n, decoder_for(fn))
-    t = theirs.get(name)
+    t = theirs.get(name.replace(ON_DEVICE, ""))
     ref = profile(lambda im, rng: _tolerant(t, im), files, n, decode_official) if t is not None else {}
     print(f"\n{name}, ms per image ({n} images)\n| op | ours | official |\n|---|---|---|")
     ops = sorted(set(mine) | set(ref), key=lambda k: (k in ("other", "total"), k == "total", -ref.get(k, mine.get(k))))

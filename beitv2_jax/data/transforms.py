@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps, ImageStat
 
+from beitv2_jax.data import canvas as canvas_lib
 from beitv2_jax.data.decode import decoded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -245,18 +246,27 @@ def as_uint8(im: Image.Image) -> np.ndarray:
   return np.asarray(im, dtype=np.uint8)
 
 
+def _resized(pixels: np.ndarray, size: int, interpolation: str) -> Image.Image:
+  return Image.fromarray(pixels).resize((size, size), INTERP[interpolation])
+
+
 class TokenizerTrain:
   """RandomResizedCrop(size, scale 0.08-1, bicubic) + flip; [0, 1] images (the VQ-KD recipe), no colour jitter.
-  Takes a PIL image, or an undecoded JPEG (decode.EncodedJpeg) of which it decodes the rows down to the box."""
+  Takes a PIL image, or an undecoded JPEG (decode.EncodedJpeg) of which it decodes the rows down to the box.
+  With `canvas`, the example carries the crop for the device to resize (data/canvas.py), not `image`."""
   decodes_rows = True
 
-  def __init__(self, size: int, scale=(0.08, 1.0)):
-    self.size, self.scale = size, scale
+  def __init__(self, size: int, scale=(0.08, 1.0), canvas: int = 0):
+    self.size, self.scale, self.canvas = size, scale, canvas
 
   def __call__(self, im, rng) -> dict:
     box = random_resized_crop_box(rng, *im.size, scale=self.scale)
-    im = decoded(im, rows=box[1] + box[3])
-    return {"image": as_uint8(maybe_flip(crop_resize(im, box, self.size), rng))}
+    region = crop(decoded(im, rows=box[1] + box[3]), box)
+    if self.canvas:
+      flip = rng.random() < 0.5
+      return canvas_lib.pack(as_uint8(region), self.size, self.canvas, flip_after=flip,
+                             resize_on_host=lambda px: as_uint8(_resized(px, self.size, "bicubic")))
+    return {"image": as_uint8(maybe_flip(region.resize((self.size, self.size), INTERP["bicubic"]), rng))}
 
 
 class EvalTransform:
@@ -281,10 +291,12 @@ class MIMTrain:
   """
 
   def __init__(self, size: int, mask_generator, min_crop_scale: float = 0.2, second_size: Optional[int] = None,
-               interpolation: str = "bicubic", second_interpolation: str = "bicubic", color_jitter: float = 0.4):
+               interpolation: str = "bicubic", second_interpolation: str = "bicubic", color_jitter: float = 0.4,
+               canvas: int = 0):
     self.size, self.second_size = size, second_size or size
     self.mask_generator, self.scale = mask_generator, (min_crop_scale, 1.0)
     self.interp, self.interp2, self.jitter = interpolation, second_interpolation, color_jitter
+    self.canvas = canvas  # > 0: `image` is shipped as its crop in a canvas, resized on the device
 
   @property
   def one_view(self) -> bool:
@@ -300,7 +312,11 @@ class MIMTrain:
     region = color_jitter_crop(im, (left, top, w, h), draws)
     if flip:
       region = region.transpose(Image.FLIP_LEFT_RIGHT)
-    example = {"image": as_uint8(region.resize((self.size, self.size), INTERP[self.interp]))}
+    if self.canvas:
+      example = canvas_lib.pack(as_uint8(region), self.size, self.canvas, self.interp,
+                                resize_on_host=lambda px: as_uint8(_resized(px, self.size, self.interp)))
+    else:
+      example = {"image": as_uint8(region.resize((self.size, self.size), INTERP[self.interp]))}
     if not self.one_view:
       example["tokenizer_image"] = as_uint8(region.resize((self.second_size,) * 2, INTERP[self.interp2]))
     example["mask"] = self.mask_generator(rng).reshape(-1).astype(bool)

@@ -145,6 +145,13 @@ class Task:
       local.pop("bad", None)
       yield parallel.to_global(local, self.mesh)
 
+  def resize_canvas(self) -> int:
+    """The canvas side of training views resized on the device (data.resize; data/canvas.py), 0: on the host."""
+    d = self.config.data
+    if d.get("resize", "host") != "device":
+      return 0
+    return d.get("resize_canvas", 0) or 2 * self.config.model.img_size
+
   def replicated_frozen(self):
     return jax.device_put(self.frozen, parallel.replicated(self.mesh))
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from beitv2_jax import api, flops
-from beitv2_jax.data import transforms
+from beitv2_jax.data import canvas, transforms
 from beitv2_jax.data.masking import MaskingGenerator
 from beitv2_jax.models import quantizer
 from beitv2_jax.models.build import fields_call, split_execution
@@ -30,9 +30,11 @@ class MIMEval:
     return example
 
 
-def tokenizer_view(batch: dict):
-  """The tokenizer's view: its own field when the two views differ, else the ViT's (transforms.MIMTrain)."""
-  return batch.get("tokenizer_image", batch["image"])
+def views(batch: dict):
+  """(the ViT's view, the tokenizer's view), uint8: the tokenizer's is its own field when the two differ, else
+  the ViT's (transforms.MIMTrain); the ViT's is resized here when the host shipped its crop (data/canvas.py)."""
+  image = canvas.images(batch)
+  return image, batch.get("tokenizer_image", image)
 
 
 def cross_entropy_and_hits(logits, labels):
@@ -138,7 +140,8 @@ class PretrainTask(Task):
   def train_transform(self):
     a = self.config.aug
     return transforms.MIMTrain(self.config.model.img_size, self.mask_generator, min_crop_scale=a.min_crop_scale,
-                               second_size=self.second_size, second_interpolation=a.second_interpolation)
+                               second_size=self.second_size, second_interpolation=a.second_interpolation,
+                               canvas=self.resize_canvas())
 
   def init_state(self, rng):
     k_init, k_state = jax.random.split(rng)
@@ -159,10 +162,11 @@ class PretrainTask(Task):
     return jax.lax.stop_gradient(quantizer.nearest_code(frozen["codebook"], z))
 
   def losses(self, params, batch, frozen, train, rng=None):
-    ids = self.targets(frozen, tokenizer_view(batch))
+    image, tokenizer_image = views(batch)
+    ids = self.targets(frozen, tokenizer_image)
     mask = batch["mask"]
     labels = jnp.take_along_axis(ids, masked_positions(mask, self.num_masked), axis=1)
-    images = transforms.imagenet_normalize(batch["image"])
+    images = transforms.imagenet_normalize(image)
     rngs = {"dropout": rng} if rng is not None else {}
     main, agg = self.model.apply({"params": params}, images, mask, self.num_masked, train, rngs=rngs)
     ce1, acc1 = cross_entropy_and_hits(main, labels)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from beitv2_jax import flops
-from beitv2_jax.data import pipeline, transforms
+from beitv2_jax.data import canvas, pipeline, transforms
 from beitv2_jax.models import quantizer, teacher as teacher_lib
 from beitv2_jax.models.build import fields_call, split_execution
 from beitv2_jax.models.vqkd import VQKD, vqkd_kwargs
@@ -52,7 +52,7 @@ class TokenizerTask(Task):
     self.flops_per_example = 3 * (enc + dec) + (0 if config.teacher_cache_views else teacher)
 
   def train_transform(self):
-    return transforms.TokenizerTrain(self.config.model.img_size)
+    return transforms.TokenizerTrain(self.config.model.img_size, canvas=self.resize_canvas())
 
   def train_data(self):
     """The training batches; with teacher_cache_views, the cached views with their teacher targets."""
@@ -64,7 +64,8 @@ class TokenizerTask(Task):
     fingerprint = dict(teacher=self.teacher.source, teacher_px=tm.image_size, teacher_patch=tm.patch_size,
                        teacher_dtype=c.teacher_dtype, views=n, seed=c.seed, data=c.data.name,
                        split=c.data.train_split, img_size=c.model.img_size, grid=self.grid)
-    views = teacher_cache.load_or_build(self.workdir, fingerprint, self.train_source, self.train_transform(),
+    views = teacher_cache.load_or_build(self.workdir, fingerprint, self.train_source,
+                                        transforms.TokenizerTrain(c.model.img_size),  # stored resized
                                         self.teacher, self.teacher.params, self.grid, n, c.seed)
     return pipeline.train_dataset(views, teacher_cache.AsStored(), c.batch_size, c.seed,
                                   num_workers=c.data.num_workers, read_threads=c.data.read_threads)
@@ -98,7 +99,7 @@ class TokenizerTask(Task):
     q = self.config.quantizer
     rng = jax.random.fold_in(state.rng, state.step)
     k_kmeans, k_drop, k_restart = jax.random.split(rng, 3)
-    images = transforms.to_unit(batch["image"])
+    images = transforms.to_unit(canvas.images(batch))
     if "teacher_target" in batch:  # teacher_cache_views: computed once for this view
       target = batch["teacher_target"].astype(jnp.float32)
     else:
