@@ -23,7 +23,7 @@ export JAX_PLATFORMS=cuda
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
 export JAX_COMPILATION_CACHE_DIR=/tmp/beitv2_jax_cache  # the max-batch stage recompiles shapes seen before
 PY=${PY:-python3}
-STAGES=${STAGES:-"pretrain profile profile_tokenizer torch_peer tokenizer_finetune kernels add_norm residual patch_embed xla_flags attention_tests max_batch"}
+STAGES=${STAGES:-"pretrain profile profile_tokenizer torch_peer tokenizer_finetune kernels add_norm residual patch_embed xla_flags attention_tests device_resize max_batch"}
 
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -31,7 +31,7 @@ stage() {  # name, seconds, command...
   echo "== $name ($(date +%T))"
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   echo "   exit $? ($(date +%T))"
-  grep -E "^task=|^profile:|passed|failed|Error|error:" "$OUT/$name.log" | tail -n 12
+  grep -E "^task=|^profile:|^device_resize:|passed|failed|Error|error:" "$OUT/$name.log" | tail -n 12
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -77,7 +77,13 @@ xla_flag_sets() {
 }
 export -f xla_flag_sets; export PY OUT
 stage xla_flags "${T_FLAGS:-100}" bash -c xla_flag_sets
-stage attention_tests "${T_TESTS:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_kernels.py
+# the cuDNN attention and kernel tests, and the step's resize (data.resize="device") exact on this GPU: its float32
+# matmuls at Precision.HIGHEST must not round (TF32 would)
+stage attention_tests "${T_TESTS:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_kernels.py \
+  tests/test_canvas.py -k "not training"
+# what the step's resize of 448 px canvases to 224 px costs here, per image (FLOPs, ms) at batch 256
+stage device_resize "${T_RESIZE:-40}" $PY -c "import sys; sys.path.insert(0, 'benchmarks'); import input_pipeline as ip; \
+f, ms = ip.device_resize_cost(224, 256); print(f'device_resize: {f / 1e9:.2f} GFLOP per image, {ms * 1e3:.1f} us per image')"
 stage max_batch "${T_MAXB:-110}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --max-batch \
   --remat="${MAXB_REMAT:-none,full}" --json "$OUT/bench.jsonl"
 echo "== done ($(date +%T))"
