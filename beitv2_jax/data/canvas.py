@@ -7,7 +7,7 @@ libImaging/Resample.c; since Pillow 13 the vertical pass runs first when the hei
 as many pixels as the width, `vertical_first`). The host computes the same coefficient tables (`taps`, float64
 arithmetic in the C code's order), ships the crop instead of the resized view (top-left in a fixed
 `canvas` x `canvas` uint8 array, so the step compiles once) with one table per axis, and `images` runs both
-passes on the device as matmuls in float32: each coefficient split into a high and a low 11-bit half keeps
+passes on the device as banded matmuls in float32: each coefficient split into a high and a low 11-bit half keeps
 every product and every partial sum an integer below 2^24, so both matmuls are exact and their recombination
 in int32 is PIL's sum, bit for bit. A crop larger than the canvas is resized on the host and shipped with
 identity tables (coefficient 2^22 on one tap: the pass returns its input). The device always runs the
@@ -141,16 +141,13 @@ def pack(crop: np.ndarray, out_size: int, canvas: int, interpolation: str = "bic
           "canvas_transposed": np.bool_(transposed)}
 
 
-def _dense(table: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
-  """(B, out, 1 + width) tables -> the (B, size, out) matrices of their high and low coefficient halves."""
-  start, coef = table[..., 0], table[..., 1:]
-  pos = jax.lax.broadcasted_iota(jnp.int32, (1, size, 1), 1) - start[:, None, :]  # (B, size, out)
-  dense = jnp.zeros(pos.shape, jnp.int32)
-  for k in range(coef.shape[-1]):
-    dense = jnp.where(pos == k, coef[:, None, :, k], dense)
-  high = dense >> _HALF_BITS                       # floor: high * 2^11 + low == dense for negative ones too
-  low = dense & ((1 << _HALF_BITS) - 1)
-  return high.astype(jnp.float32), low.astype(jnp.float32)
+BLOCK = 32  # output pixels per band: each band's taps span a window of ~BLOCK x scale + taps source pixels
+
+
+def _split(coef: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """int32 coefficients -> their high and low 11-bit halves as float32 (high * 2^11 + low == coef, for negative
+  ones too: the shift floors)."""
+  return (coef >> _HALF_BITS).astype(jnp.float32), (coef & ((1 << _HALF_BITS) - 1)).astype(jnp.float32)
 
 
 def _round_clip(high_sum: jax.Array, low_sum: jax.Array) -> jax.Array:
@@ -159,16 +156,39 @@ def _round_clip(high_sum: jax.Array, low_sum: jax.Array) -> jax.Array:
   return jnp.clip(acc >> PRECISION_BITS, 0, 255).astype(jnp.float32)
 
 
+def _pass(x: jax.Array, table: jax.Array) -> jax.Array:
+  """One PIL pass along axis 2: (B, R, S, C) float32 pixel values, (B, out, 1 + width) tables -> (B, R, out, C).
+
+  Banded: the outputs go in bands of BLOCK, and each band reads only the window of source pixels its taps span
+  (a band's first tap moves by < BLOCK x S / out + 1), so the matmuls are (R x window) @ (window x BLOCK) per
+  band, not (R x S) @ (S x out): 1/5 of the FLOPs at 448 -> 224. Exact for any window that holds the taps."""
+  batch, _, source, _ = x.shape
+  out, width = table.shape[1], table.shape[2] - 1
+  bands = -(-out // BLOCK)
+  pad = bands * BLOCK - out  # padded outputs: no taps
+  start = jnp.pad(table[..., 0], ((0, 0), (0, pad)), mode="edge").reshape(batch, bands, BLOCK)
+  coef = jnp.pad(table[..., 1:], ((0, 0), (0, pad), (0, 0))).reshape(batch, bands, BLOCK, width)
+  window = min(source, int(math.ceil((BLOCK - 1) * source / out)) + 2 + width)
+  first = jnp.clip(start.min(axis=-1), 0, source - window)  # (B, bands); min: a flipped table's starts fall
+  cut = lambda xb, at: jax.lax.dynamic_slice_in_dim(xb, at, window, axis=1)
+  windows = jax.vmap(jax.vmap(cut, in_axes=(None, 0)), in_axes=(0, 0))(x, first)  # (B, bands, R, window, C)
+  pos = (first[:, :, None, None] + jax.lax.broadcasted_iota(jnp.int32, (1, 1, window, 1), 2)
+         - start[:, :, None, :])  # (B, bands, window, BLOCK): the tap index of each window pixel
+  weights = jnp.zeros(pos.shape, jnp.int32)
+  for k in range(width):
+    weights = jnp.where(pos == k, coef[:, :, None, :, k], weights)
+  high, low = _split(weights)
+  mm = functools.partial(jnp.einsum, "bjrlc,bjlp->bjrpc", precision=jax.lax.Precision.HIGHEST)
+  y = _round_clip(mm(windows, high), mm(windows, low))  # (B, bands, R, BLOCK, C)
+  y = jnp.moveaxis(y, 1, 2).reshape(batch, x.shape[1], bands * BLOCK, x.shape[3])
+  return y[:, :, :out]
+
+
 def resize(board: jax.Array, rows: jax.Array, cols: jax.Array, transposed: jax.Array) -> jax.Array:
   """(B, C, C, 3) uint8 canvases + tables -> (B, out, out, 3) uint8: PIL's two passes, exactly (columns
   first; the examples marked `transposed` were shipped transposed so that this is PIL's order for them)."""
-  size = board.shape[1]
-  x = board.astype(jnp.float32)
-  hi = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
-  col_high, col_low = _dense(cols, size)
-  x = _round_clip(hi("bhwc,bwx->bhxc", x, col_high), hi("bhwc,bwx->bhxc", x, col_low))
-  row_high, row_low = _dense(rows, size)
-  x = _round_clip(hi("bhxc,bhy->byxc", x, row_high), hi("bhxc,bhy->byxc", x, row_low))
+  x = _pass(board.astype(jnp.float32), cols)                       # (B, C, out, 3)
+  x = jnp.swapaxes(_pass(jnp.swapaxes(x, 1, 2), rows), 1, 2)       # (B, out, out, 3)
   x = jnp.where(transposed[:, None, None, None], jnp.swapaxes(x, 1, 2), x)
   return x.astype(jnp.uint8)
 
