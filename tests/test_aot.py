@@ -94,10 +94,12 @@ def test_the_control_flow_reader_sees_a_tpu_while_loop_and_conditional():
 def test_tiny_tokenizer_compiles_for_four_hosts_with_its_kmeans_first_step():
   """docs/deviations.md: k-means runs in a separate first step, so the step every later iteration runs has
   no conditional and no loop in its compiled TPU program (an XLA conditional or while waits on the device's
-  scalar control flow each step)."""
-  c = _tiny("tokenizer_tiny", batch_size=32, **{"mesh.fsdp": 2, "mesh.fsdp_min_size": 1024})
+  scalar control flow each step). With data.resize="device", so that the step's banded resize of the shipped
+  crops (data/canvas.py) compiles for the pod too, inside the same loop-free program."""
+  c = _tiny("tokenizer_tiny", batch_size=32, **{"mesh.fsdp": 2, "mesh.fsdp_min_size": 1024, "data.resize": "device"})
   task, r = aot.try_config(c, os.path.join(ROOT, "configs"), aot.target("tpu:v4-32"), keep_text=True)
   assert r.compiled and r.fits, r.error
+  assert task.resize_canvas() == 2 * c.model.img_size and "canvas" in aot.batch_spec(task)
   assert task.initial_step() is not None  # k-means first step: compiled too, memory is the larger of the two
   assert dict(task.mesh.shape) == {"data": 8, "fsdp": 2}
   assert r.xla_flops > r.model_flops > 0
