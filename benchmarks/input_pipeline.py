@@ -62,19 +62,17 @@ def device_resize_cost(size: int, batch: int = 64) -> tuple[float, float]:
   """(XLA's FLOP count per image, ms per image on this machine's jax backend) of the step's resize of
   `batch` canvases of 2 x size px (data/canvas.py) to size px."""
   import jax
-  from beitv2_jax.data import canvas
   rng = np.random.default_rng(0)
-  examples = [canvas.pack(rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8), size, 2 * size)
+  examples = [canvas_lib.pack(rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8), size, 2 * size)
               for h, w in rng.integers(size // 2, 2 * size + 1, (batch, 2))]
   args = [np.stack([e[k] for e in examples]) for k in ("canvas", "canvas_rows", "canvas_cols", "canvas_transposed")]
-  fn = jax.jit(canvas.resize)
-  compiled = fn.lower(*args).compile()
+  compiled = jax.jit(canvas_lib.resize).lower(*args).compile()
   cost = compiled.cost_analysis()
   flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
-  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(compiled(*args))
   t0, reps = time.perf_counter(), 5
   for _ in range(reps):
-    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(compiled(*args))
   return flops / batch, 1e3 * (time.perf_counter() - t0) / reps / batch
 
 

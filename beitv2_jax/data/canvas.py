@@ -65,11 +65,17 @@ def vertical_first(in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
   return _PASS_ORDER_BY_SIZE and in_h > out_h and 2 * (in_w - out_w) < in_h - out_h
 
 
+def _support(in_size: int, out_size: int, interpolation: str) -> tuple[float, float, int]:
+  """(filterscale, support, ksize) of precompute_coeffs: the filter widened by the downscale, its taps."""
+  _check(interpolation)
+  filterscale = max(float(in_size) / out_size, 1.0)
+  support = _SUPPORT[interpolation] * filterscale
+  return filterscale, support, int(math.ceil(support)) * 2 + 1
+
+
 def max_taps(canvas: int, out_size: int, interpolation: str = "bicubic") -> int:
   """Table width: PIL's `ksize` for the strongest downscale a canvas allows (canvas -> out_size)."""
-  _check(interpolation)
-  support = _SUPPORT[interpolation] * max(canvas / out_size, 1.0)
-  return int(math.ceil(support)) * 2 + 1
+  return _support(canvas, out_size, interpolation)[2]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -78,11 +84,8 @@ def taps(in_size: int, out_size: int, width: int, interpolation: str = "bicubic"
   int32 (out_size, 1 + width), per output pixel its first input pixel, then `width` coefficients (zero past
   the filter's last tap). precompute_coeffs + normalize_coeffs_8bpc of Resample.c, in its order of float64
   operations (sums taken tap by tap as the C loop does, not numpy's pairwise sum)."""
-  _check(interpolation)
   scale = float(in_size) / out_size
-  filterscale = max(scale, 1.0)
-  support = _SUPPORT[interpolation] * filterscale
-  ksize = int(math.ceil(support)) * 2 + 1
+  filterscale, support, ksize = _support(in_size, out_size, interpolation)
   if ksize > width:
     raise ValueError(f"resizing {in_size} -> {out_size} px takes {ksize} taps, the table has {width}")
   center = (np.arange(out_size) + 0.5) * scale

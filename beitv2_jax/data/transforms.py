@@ -246,8 +246,18 @@ def as_uint8(im: Image.Image) -> np.ndarray:
   return np.asarray(im, dtype=np.uint8)
 
 
-def _resized(pixels: np.ndarray, size: int, interpolation: str) -> Image.Image:
-  return Image.fromarray(pixels).resize((size, size), INTERP[interpolation])
+def resized_view(region: Image.Image, size: int, interpolation: str = "bicubic", canvas: int = 0,
+                 flip_after: bool = False) -> dict:
+  """A crop's training view: {'image': it resized to size x size (then flipped left-right with `flip_after`)},
+  or with `canvas` the wire fields from which the step resizes it to the same pixels (data/canvas.py)."""
+  def resize(im: Image.Image) -> Image.Image:
+    return im.resize((size, size), INTERP[interpolation])
+
+  if canvas:
+    return canvas_lib.pack(as_uint8(region), size, canvas, interpolation, flip_after,
+                           resize_on_host=lambda pixels: as_uint8(resize(Image.fromarray(pixels))))
+  view = resize(region)
+  return {"image": as_uint8(view.transpose(Image.FLIP_LEFT_RIGHT) if flip_after else view)}
 
 
 class TokenizerTrain:
@@ -262,11 +272,7 @@ class TokenizerTrain:
   def __call__(self, im, rng) -> dict:
     box = random_resized_crop_box(rng, *im.size, scale=self.scale)
     region = crop(decoded(im, rows=box[1] + box[3]), box)
-    if self.canvas:
-      flip = rng.random() < 0.5
-      return canvas_lib.pack(as_uint8(region), self.size, self.canvas, flip_after=flip,
-                             resize_on_host=lambda px: as_uint8(_resized(px, self.size, "bicubic")))
-    return {"image": as_uint8(maybe_flip(region.resize((self.size, self.size), INTERP["bicubic"]), rng))}
+    return resized_view(region, self.size, canvas=self.canvas, flip_after=rng.random() < 0.5)
 
 
 class EvalTransform:
@@ -312,11 +318,7 @@ class MIMTrain:
     region = color_jitter_crop(im, (left, top, w, h), draws)
     if flip:
       region = region.transpose(Image.FLIP_LEFT_RIGHT)
-    if self.canvas:
-      example = canvas_lib.pack(as_uint8(region), self.size, self.canvas, self.interp,
-                                resize_on_host=lambda px: as_uint8(_resized(px, self.size, self.interp)))
-    else:
-      example = {"image": as_uint8(region.resize((self.size, self.size), INTERP[self.interp]))}
+    example = resized_view(region, self.size, self.interp, self.canvas)
     if not self.one_view:
       example["tokenizer_image"] = as_uint8(region.resize((self.second_size,) * 2, INTERP[self.interp2]))
     example["mask"] = self.mask_generator(rng).reshape(-1).astype(bool)
