@@ -34,10 +34,11 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name="mnist5k", train_split="train", eval_split="val", num_workers=0, read_threads=4,
       device_prefetch=2,  # batches kept in flight to the devices ahead of the step
-      # where the tokenizer's and MIM's training views are resized (the same pixels either way, data/canvas.py):
-      # "host" (PIL) or "device" (in the step, from the crop shipped in a resize_canvas-px canvas; 0: 2 x img_size,
-      # larger crops are resized on the host): ~30-50% less host time per image, 0.14 GFLOP per image on the
-      # device and 4x the bytes per example at 224 px (benchmarks/RESULTS.md); for when the input is the bottleneck
+      # where the training views of VQ-KD, MIM, fine-tuning and the linear probe are resized (the same pixels either
+      # way, data/canvas.py): "host" (PIL) or "device" (in the step, from the crop shipped in a resize_canvas-px
+      # canvas; 0: 2 x img_size, larger crops are resized on the host; fine-tuning's RandAugment colour ops follow
+      # it there, data/pixel_ops.py): ~30-60% less host time per image, 0.14 GFLOP per image on the device and 4x
+      # the bytes per example at 224 px (benchmarks/RESULTS.md); for when the input is the bottleneck
       resize="host", resize_canvas=0))
   # data=-1: all devices / fsdp. With fsdp > 1, state leaves of at least fsdp_min_size elements are sharded.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=1 << 16))

@@ -1,9 +1,10 @@
 """Input-pipeline throughput: images/s per worker process for each task's transform on ImageNet-sized
 JPEGs (made from the photos that ship in scikit-image), side by side with the official recipe's
-torchvision transforms on the same files when torchvision is installed (the VQ-KD and MIM transforms also
-as they run with data.resize="device": the host's part, the last resize moved into the step, whose FLOPs and
-time on this machine's jax backend are printed); where the host time goes, per op (`--profile`); then the
-whole grain pipeline (decode + transform + batch + worker transport) with N worker processes.
+torchvision transforms on the same files when torchvision is installed (the VQ-KD, MIM and fine-tune transforms
+also as they run with data.resize="device": the host's part, the last resize (and for fine-tuning the
+RandAugment colour ops) moved into the step, whose FLOPs and time on this machine's jax backend are printed);
+where the host time goes, per op (`--profile`); then the whole grain pipeline (decode + transform + batch +
+worker transport) with N worker processes, for the MIM and fine-tune transforms.
 
   python benchmarks/input_pipeline.py [--images 200] [--workers 0,1,2] [--seconds 5] [--profile]
 """
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from beitv2_jax.data import canvas as canvas_lib, decode, masking, pipeline, sources, transforms  # noqa: E402
+from beitv2_jax.data import canvas as canvas_lib, decode, masking, pipeline, pixel_ops, sources, transforms  # noqa: E402
 
 
 def make_jpegs(folder: str, n: int) -> list[str]:
@@ -55,7 +56,8 @@ def ours(size: int) -> dict:
           "tokenizer" + ON_DEVICE: transforms.TokenizerTrain(size, canvas=board),
           "pretrain (MIM, 2 views + mask)": transforms.MIMTrain(size, mg),
           "pretrain (MIM, 2 views + mask)" + ON_DEVICE: transforms.MIMTrain(size, mg, canvas=board),
-          "finetune": transforms.FinetuneTrain(size), "eval": transforms.EvalTransform(size)}
+          "finetune": transforms.FinetuneTrain(size),
+          "finetune" + ON_DEVICE: transforms.FinetuneTrain(size, canvas=board), "eval": transforms.EvalTransform(size)}
 
 
 def device_resize_cost(size: int, batch: int = 64) -> tuple[float, float]:
@@ -73,6 +75,25 @@ def device_resize_cost(size: int, batch: int = 64) -> tuple[float, float]:
   t0, reps = time.perf_counter(), 5
   for _ in range(reps):
     jax.block_until_ready(compiled(*args))
+  return flops / batch, 1e3 * (time.perf_counter() - t0) / reps / batch
+
+
+def device_ops_cost(size: int, batch: int = 64) -> tuple[float, float]:
+  """(XLA's FLOP count per image, ms per image on this machine's jax backend) of the step's RandAugment
+  colour ops (data/pixel_ops.py), 2 layers, on `batch` images of size px, each layer's kind drawn at random."""
+  import jax
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+  kinds = rng.integers(0, pixel_ops.KIND_COLOR + 1, (batch, 2)).astype(np.int32)
+  luts = rng.integers(0, 256, (batch, 2, 256)).astype(np.uint8)
+  factors = rng.uniform(0.1, 1.9, (batch, 2)).astype(np.float32)
+  compiled = jax.jit(pixel_ops.rand_augment).lower(images, kinds, luts, factors).compile()
+  cost = compiled.cost_analysis()
+  flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+  jax.block_until_ready(compiled(images, kinds, luts, factors))
+  t0, reps = time.perf_counter(), 5
+  for _ in range(reps):
+    jax.block_until_ready(compiled(images, kinds, luts, factors))
   return flops / batch, 1e3 * (time.perf_counter() - t0) / reps / batch
 
 
@@ -198,9 +219,10 @@ def op_targets() -> list:
   targets = [(decode.EncodedJpeg, "decode", "decode"), (transforms, "color_jitter_crop", "colour jitter"),
              (Image.Image, "crop", "crop"),
              (Image.Image, "resize", "resize"), (Image.Image, "transpose", "flip"),
-             (transforms, "rand_augment", "RandAugment"), (transforms, "random_erasing_mask", "erasing"),
+             (transforms, "apply_op", "RandAugment"), (transforms, "device_fields", "RandAugment tables"),
+             (transforms, "random_erasing_mask", "erasing"),
              (masking.MaskingGenerator, "__call__", "block mask"), (transforms, "as_uint8", "to array"),
-             (canvas_lib, "pack", "into the canvas")]
+             (canvas_lib, "pack", "into the canvas"), (canvas_lib, "pack_resized", "into the canvas")]
   try:
     import torchvision.transforms.functional as F
     from timm.data import auto_augment, random_erasing
@@ -319,7 +341,10 @@ def main():
   flops, ms = device_resize_cost(a.size)
   print(f"the step's resize of {2 * a.size} px canvases to {a.size} px: {flops / 1e9:.2f} GFLOP per image "
         f"(XLA's count), {ms:.2f} ms per image on this machine's jax backend", flush=True)
-  mims = {k: v for k, v in ours(a.size).items() if k.startswith("pretrain")}
+  flops, ms = device_ops_cost(a.size)
+  print(f"the step's RandAugment colour ops (2 layers, data/pixel_ops.py) at {a.size} px: {flops / 1e9:.3f} GFLOP "
+        f"per image (XLA's count), {ms:.2f} ms per image on this machine's jax backend", flush=True)
+  mims = {k: v for k, v in ours(a.size).items() if k.startswith(("pretrain", "finetune"))}
   for name, mim in mims.items():
     print(f"stacking a batch of 64 examples, {name}: {batch_cost_ms(mim, files):.3f} ms per image")
   for w in [int(x) for x in a.workers.split(",")]:

@@ -71,17 +71,6 @@ def _binomial(k, n, p, what):
 # ------------------------------------------------------------------------------------------------
 # RandAugment (timm rand-m9-mstd0.5-inc1)
 # ------------------------------------------------------------------------------------------------
-class _FixedDraw:
-  """Stands in for our np.random.Generator in apply_op, whose only draw is the sign (`rng.random() < 0.5`
-  negates). Any other draw raises AttributeError: apply_op's randomness changed and the test needs a look."""
-
-  def __init__(self, u):
-    self.u = u
-
-  def random(self):
-    return self.u
-
-
 def _posterize_old_pil(im, bits):
   """ImageOps.posterize as PIL < 10 had it, which timm 0.4.12 (the official pin) ran: bits=0 keeps no bit, a
   black image; PIL >= 10 raises for bits=0, so timm's own op cannot be the reference there."""
@@ -92,13 +81,14 @@ def _posterize_old_pil(im, bits):
 @pytest.mark.parametrize("name", aa._RAND_INCREASING_TRANSFORMS)
 def test_rand_augment_op_matches_timm(name, photo, monkeypatch):
   """apply_op == timm AugmentOp(name, prob=1, magnitude=level) pixel for pixel (both make the same PIL call with
-  the same argument), at magnitudes 0..10 and both signs for the ops that negate."""
-  changed = 0
+  the same argument), at magnitudes 0..10 and both signs for the ops that negate (SIGNED_OPS: those whose
+  sign changes timm's output)."""
+  changed, by_sign = 0, {}
   for level in (0, 3, 5, 9, 9.7, 10):
     for negative in (False, True):
       # timm negates when random.random() > 0.5, we when rng.random() < 0.5
       monkeypatch.setattr(aa, "random", types.SimpleNamespace(random=lambda: 0.75 if negative else 0.25))
-      ours = np.asarray(transforms.apply_op(photo, name, float(level), _FixedDraw(0.25 if negative else 0.75)))
+      ours = np.asarray(transforms.apply_op(photo, name, float(level), negative))
       op = aa.AugmentOp(name, prob=1.0, magnitude=level, hparams=TIMM_RA_HPARAMS)
       try:
         ref = np.asarray(op(photo))
@@ -107,6 +97,10 @@ def test_rand_augment_op_matches_timm(name, photo, monkeypatch):
         ref = np.asarray(_posterize_old_pil(photo, 0))
       np.testing.assert_array_equal(ours, ref, err_msg=f"{name} level {level} negative={negative}")
       changed += int(not np.array_equal(ref, np.asarray(photo)))
+      if level == 9:
+        by_sign[negative] = ref
+  # timm negates exactly these ops' magnitudes (so rand_augment_plan draws a sign for them and no other)
+  assert (name in transforms.SIGNED_OPS) == (not np.array_equal(by_sign[False], by_sign[True])), name
   assert changed >= 4, f"{name}: the reference hardly changes the photo, the comparison proves little"
   if name == "PosterizeIncreasing":  # the old-PIL stand-in is PIL's own posterize where PIL accepts the bits
     for bits in (1, 2, 4):
@@ -138,7 +132,7 @@ def test_rand_augment_sampling_matches_timm(monkeypatch):
   n = 4000
   ours_ops, ours_levels, ours_count = [], [], []
   calls = []
-  monkeypatch.setattr(transforms, "apply_op", lambda im, name, level, rng: (calls.append((name, level)), im)[1])
+  monkeypatch.setattr(transforms, "apply_op", lambda im, name, level, negate: (calls.append((name, level)), im)[1])
   rng, im = np.random.default_rng(0), Image.new("RGB", (4, 4))
   ours_pairs = []
   for _ in range(n):

@@ -93,6 +93,7 @@ def test_input_pipeline_benchmark_smoke():
   out = _run("benchmarks/input_pipeline.py", "--images=8", "--seconds=0.3", "--workers=0", "--size=64", "--profile")
   assert "| tokenizer |" in out and "grain pipeline" in out and "| colour jitter |" in out
   assert "| tokenizer, resized on the device |" in out and "| into the canvas |" in out
+  assert "| finetune, resized on the device |" in out and "RandAugment colour ops" in out
   assert "GFLOP per image" in out
   assert "JPEG decode 375x500, ms per image: whole" in out
 

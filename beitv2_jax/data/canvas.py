@@ -123,23 +123,30 @@ def pack(crop: np.ndarray, out_size: int, canvas: int, interpolation: str = "bic
   `flip_after`: the view is flipped left-right after the resize. A crop larger than the canvas is resized on
   the host by `resize_on_host(crop) -> (out_size, out_size, 3) uint8` (PIL, as without the canvas)."""
   h, w = crop.shape[:2]
-  width = max_taps(canvas, out_size, interpolation)
-  transposed = False
   if h > canvas or w > canvas:
-    crop = resize_on_host(crop)
-    if flip_after:
-      crop = crop[:, ::-1]
-    rows = cols = identity_taps(out_size, width)
-    h = w = out_size
-  else:
-    rows = taps(h, out_size, width, interpolation)
-    cols = taps(w, out_size, width, interpolation)
-    if flip_after:  # output column x is column out - 1 - x of the unflipped view
-      cols = cols[::-1]
-    if vertical_first(h, w, out_size, out_size):
-      crop, rows, cols, (h, w), transposed = crop.transpose(1, 0, 2), cols, rows, (w, h), True
+    view = resize_on_host(crop)
+    return pack_resized(view[:, ::-1] if flip_after else view, canvas, interpolation)
+  width = max_taps(canvas, out_size, interpolation)
+  rows = taps(h, out_size, width, interpolation)
+  cols = taps(w, out_size, width, interpolation)
+  if flip_after:  # output column x is column out - 1 - x of the unflipped view
+    cols = cols[::-1]
+  transposed = vertical_first(h, w, out_size, out_size)
+  if transposed:
+    crop, rows, cols = crop.transpose(1, 0, 2), cols, rows
+  return _fields(crop, rows, cols, canvas, transposed)
+
+
+def pack_resized(view: np.ndarray, canvas: int, interpolation: str = "bicubic") -> dict:
+  """pack's fields for a view the host has already resized (uint8 (out, out, 3)): identity tables."""
+  out = view.shape[0]
+  rows = identity_taps(out, max_taps(canvas, out, interpolation))
+  return _fields(view, rows, rows, canvas, False)
+
+
+def _fields(pixels: np.ndarray, rows: np.ndarray, cols: np.ndarray, canvas: int, transposed: bool) -> dict:
   board = np.zeros((canvas, canvas, 3), np.uint8)
-  board[:h, :w] = crop
+  board[:pixels.shape[0], :pixels.shape[1]] = pixels
   return {"canvas": board, "canvas_rows": np.ascontiguousarray(rows), "canvas_cols": np.ascontiguousarray(cols),
           "canvas_transposed": np.bool_(transposed)}
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps, ImageStat
 
-from beitv2_jax.data import canvas as canvas_lib
+from beitv2_jax.data import canvas as canvas_lib, pixel_ops
 from beitv2_jax.data.decode import decoded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,12 +59,6 @@ def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
   else:
     w, h = width, height
   return (width - w) // 2, (height - h) // 2, w, h
-
-
-def crop_resize(im: Image.Image, box, size: int, interpolation: str = "bicubic") -> Image.Image:
-  """torchvision `resized_crop`: crop the box, then resize the crop (pixel-equal to it, tested; a one-pass
-  `resize(box=...)` would let the filter read pixels outside the box)."""
-  return crop(im, box).resize((size, size), INTERP[interpolation])
 
 
 def crop(im: Image.Image, box) -> Image.Image:
@@ -143,18 +137,10 @@ def color_jitter_crop(im: Image.Image, box, draws: list[tuple[int, float]]) -> I
   return out if lut is None else _apply_lut(out, lut)
 
 
-def maybe_flip(im: Image.Image, rng: np.random.Generator, p: float = 0.5) -> Image.Image:
-  return im.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < p else im
-
-
 # ------------------------------------------------------------------------------------------------
 # RandAugment, timm `rand-m9-mstd0.5-inc1`
 # ------------------------------------------------------------------------------------------------
 _LEVEL_DENOM = 10.0
-
-
-def _negate(rng, v):
-  return -v if rng.random() < 0.5 else v
 
 
 def _affine(im, matrix, fill, resample):
@@ -170,11 +156,22 @@ RAND_INCREASING_OPS = (
     "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
     "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
     "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+# the ops whose magnitude takes a random sign (timm's _randomly_negate)
+SIGNED_OPS = frozenset(("Rotate", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                        "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"))
 
 
-def apply_op(im: Image.Image, name: str, level: float, rng: np.random.Generator,
+def enhance_factor(level: float, negate: bool) -> float:
+  """The ImageEnhance factor of timm's Color / Contrast / Brightness / Sharpness ops: 1 +- 0.9 level / 10."""
+  m = level / _LEVEL_DENOM * 0.9
+  return 1.0 + (-m if negate else m)
+
+
+def apply_op(im: Image.Image, name: str, level: float, negate: bool = False,
              fill=(124, 116, 104), resample=Image.BICUBIC, translate_pct: float = 0.45) -> Image.Image:
+  """timm's op `name` at `level` (0..10); `negate`: the sign drawn for the SIGNED_OPS."""
   m = level / _LEVEL_DENOM
+  signed = lambda v: -v if negate else v
   if name == "AutoContrast":
     return ImageOps.autocontrast(im)
   if name == "Equalize":
@@ -182,7 +179,7 @@ def apply_op(im: Image.Image, name: str, level: float, rng: np.random.Generator,
   if name == "Invert":
     return ImageOps.invert(im)
   if name == "Rotate":
-    return im.rotate(_negate(rng, m * 30.0), resample=resample, fillcolor=fill)
+    return im.rotate(signed(m * 30.0), resample=resample, fillcolor=fill)
   if name == "PosterizeIncreasing":
     bits = 4 - int(m * 4)
     if bits <= 0:  # keep 0 bits: black (older PIL did this; PIL >= 10 rejects bits=0)
@@ -193,32 +190,62 @@ def apply_op(im: Image.Image, name: str, level: float, rng: np.random.Generator,
   if name == "SolarizeAdd":
     return _solarize_add(im, int(m * 110))
   if name.endswith("Increasing"):
-    factor = 1.0 + _negate(rng, m * 0.9)
+    factor = enhance_factor(level, negate)
     enh = {"Color": ImageEnhance.Color, "Contrast": ImageEnhance.Contrast,
            "Brightness": ImageEnhance.Brightness, "Sharpness": ImageEnhance.Sharpness}[name[:-10]]
     return enh(im).enhance(factor)
   if name == "ShearX":
-    return _affine(im, (1, _negate(rng, m * 0.3), 0, 0, 1, 0), fill, resample)
+    return _affine(im, (1, signed(m * 0.3), 0, 0, 1, 0), fill, resample)
   if name == "ShearY":
-    return _affine(im, (1, 0, 0, _negate(rng, m * 0.3), 1, 0), fill, resample)
+    return _affine(im, (1, 0, 0, signed(m * 0.3), 1, 0), fill, resample)
   if name == "TranslateXRel":
-    return _affine(im, (1, 0, _negate(rng, m * translate_pct) * im.size[0], 0, 1, 0), fill, resample)
+    return _affine(im, (1, 0, signed(m * translate_pct) * im.size[0], 0, 1, 0), fill, resample)
   if name == "TranslateYRel":
-    return _affine(im, (1, 0, 0, 0, 1, _negate(rng, m * translate_pct) * im.size[1]), fill, resample)
+    return _affine(im, (1, 0, 0, 0, 1, signed(m * translate_pct) * im.size[1]), fill, resample)
   raise ValueError(f"unknown RandAugment op {name}")
+
+
+def rand_augment_plan(rng: np.random.Generator, num_layers: int = 2, magnitude: float = 9.0,
+                      magnitude_std: float = 0.5, prob: float = 0.5) -> list[tuple[str, float, bool]]:
+  """timm RandAugment's draws: `num_layers` ops drawn uniformly with replacement, each applied with prob 0.5 at a
+  magnitude ~ N(9, 0.5) clipped to [0, 10] (the 'inc1' increasing-severity op set), then its sign for the
+  SIGNED_OPS. [(name, level, negate)] of the ops that apply, in order; the pixels play no part."""
+  plan = []
+  for i in rng.choice(len(RAND_INCREASING_OPS), num_layers, replace=True):
+    if rng.random() > prob:
+      continue
+    level = magnitude if magnitude_std <= 0 else rng.normal(magnitude, magnitude_std)
+    name = RAND_INCREASING_OPS[i]
+    negate = name in SIGNED_OPS and rng.random() < 0.5
+    plan.append((name, float(np.clip(level, 0.0, _LEVEL_DENOM)), bool(negate)))
+  return plan
 
 
 def rand_augment(im: Image.Image, rng: np.random.Generator, num_layers: int = 2, magnitude: float = 9.0,
                  magnitude_std: float = 0.5, prob: float = 0.5) -> Image.Image:
-  """timm RandAugment: `num_layers` ops drawn uniformly with replacement, each applied with prob 0.5 at a
-  magnitude ~ N(9, 0.5) clipped to [0, 10] (the 'inc1' increasing-severity op set)."""
-  ops = rng.choice(len(RAND_INCREASING_OPS), num_layers, replace=True)
-  for i in ops:
-    if rng.random() > prob:
-      continue
-    level = magnitude if magnitude_std <= 0 else rng.normal(magnitude, magnitude_std)
-    im = apply_op(im, RAND_INCREASING_OPS[i], float(np.clip(level, 0.0, _LEVEL_DENOM)), rng)
+  """timm RandAugment (rand_augment_plan's ops, applied)."""
+  for name, level, negate in rand_augment_plan(rng, num_layers, magnitude, magnitude_std, prob):
+    im = apply_op(im, name, level, negate)
   return im
+
+
+_RGB_RAMP = Image.merge("RGB", (_RAMP,) * 3)
+
+
+def device_fields(plan: list[tuple[str, float, bool]], num_layers: int) -> Optional[dict]:
+  """The plan as the wire fields of pixel_ops.rand_augment (layer j: kind, table, blend factor), or None when
+  one of its ops runs only on the host. A table op's table is PIL's op run on the 256 values."""
+  fields = pixel_ops.no_ops(num_layers)
+  for j, (name, level, negate) in enumerate(plan):
+    kind = pixel_ops.DEVICE_KINDS.get(name)
+    if kind is None:
+      return None
+    fields["ra_kind"][j] = kind
+    if kind == pixel_ops.KIND_LUT:
+      fields["ra_lut"][j] = np.asarray(apply_op(_RGB_RAMP, name, level, negate))[0, :, 0]
+    elif kind in (pixel_ops.KIND_CONTRAST, pixel_ops.KIND_COLOR):
+      fields["ra_factor"][j] = enhance_factor(level, negate)
+  return fields
 
 
 def random_erasing_mask(rng: np.random.Generator, h: int, w: int, prob: float = 0.25,
@@ -328,16 +355,34 @@ class MIMTrain:
 class FinetuneTrain:
   """timm create_transform(is_training): RandomResizedCrop(0.08-1, bicubic), flip, RandAugment
   rand-m9-mstd0.5-inc1, (normalise), RandomErasing(0.25, pixel). `erase` marks the erased box. Takes a PIL
-  image, or an undecoded JPEG (decode.EncodedJpeg) of which it decodes the rows down to the box."""
+  image, or an undecoded JPEG (decode.EncodedJpeg) of which it decodes the rows down to the box.
+
+  With `canvas`, an example whose RandAugment ops the device can run exactly (pixel_ops.DEVICE_KINDS: 64% of
+  them at the recipe's draws) carries its crop for the device to resize (data/canvas.py) and those ops as
+  `ra_*` fields; the others are augmented here and carry their finished view in the canvas, ops KIND_NONE.
+  The draws are the same either way (the plan is drawn before any pixel is touched)."""
   decodes_rows = True
 
   def __init__(self, size: int, rand_augment_layers: int = 2, magnitude: float = 9.0, reprob: float = 0.25,
-               scale=(0.08, 1.0)):
+               scale=(0.08, 1.0), canvas: int = 0):
     self.size, self.layers, self.magnitude, self.reprob, self.scale = size, rand_augment_layers, magnitude, reprob, scale
+    self.canvas = canvas
 
   def __call__(self, im, rng) -> dict:
     box = random_resized_crop_box(rng, *im.size, scale=self.scale)
-    im = maybe_flip(crop_resize(decoded(im, rows=box[1] + box[3]), box, self.size), rng)
-    if self.layers > 0:
-      im = rand_augment(im, rng, self.layers, self.magnitude)
-    return {"image": as_uint8(im), "erase": random_erasing_mask(rng, self.size, self.size, self.reprob)}
+    region = crop(decoded(im, rows=box[1] + box[3]), box)
+    flip = rng.random() < 0.5
+    plan = rand_augment_plan(rng, self.layers, self.magnitude) if self.layers > 0 else []
+    on_device = device_fields(plan, self.layers) if self.canvas else None
+    if on_device is not None:
+      example = {**resized_view(region, self.size, canvas=self.canvas, flip_after=flip), **on_device}
+    else:
+      view = region.resize((self.size, self.size), INTERP["bicubic"])
+      view = view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view
+      for name, level, negate in plan:
+        view = apply_op(view, name, level, negate)
+      example = {"image": as_uint8(view)}
+      if self.canvas:
+        example = {**canvas_lib.pack_resized(example["image"], self.canvas), **pixel_ops.no_ops(self.layers)}
+    example["erase"] = random_erasing_mask(rng, self.size, self.size, self.reprob)
+    return example

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from beitv2_jax import api, flops
-from beitv2_jax.data import transforms
+from beitv2_jax.data import canvas, pixel_ops, transforms
 from beitv2_jax.models.build import fields_call, split_execution
 from beitv2_jax.models.vit import VisionTransformer, classifier_kwargs
 from beitv2_jax.train.loop import Task, topk_correct
@@ -180,7 +180,7 @@ class FinetuneTask(_ClassifierTask):
   def train_transform(self):
     a = self.config.aug
     return transforms.FinetuneTrain(self.config.model.img_size, a.rand_augment_layers, a.rand_augment_magnitude,
-                                    a.reprob, scale=(a.min_crop_scale, 1.0))
+                                    a.reprob, scale=(a.min_crop_scale, 1.0), canvas=self.resize_canvas())
 
   def init_state(self, rng):
     k_init, k_state = jax.random.split(rng)
@@ -205,7 +205,8 @@ class FinetuneTask(_ClassifierTask):
     a = self.config.aug
     rng = jax.random.fold_in(state.rng, state.step)
     k_erase, k_mix, k_drop = jax.random.split(rng, 3)
-    images = transforms.imagenet_normalize(batch["image"])
+    # the view and the RandAugment ops the host left to the step (data.resize="device"), else batch["image"]
+    images = transforms.imagenet_normalize(pixel_ops.augmented(canvas.images(batch), batch))
     if "erase" in batch:
       images = apply_random_erasing(k_erase, images, batch["erase"])
     if a.mixup > 0 or a.cutmix > 0:
@@ -250,7 +251,8 @@ class LinearProbeTask(_ClassifierTask):
                               + 3 * flops.linear_flops(1, dim, self.num_classes))
 
   def train_transform(self):
-    return transforms.TokenizerTrain(self.config.model.img_size)  # RandomResizedCrop + flip
+    # RandomResizedCrop + flip
+    return transforms.TokenizerTrain(self.config.model.img_size, canvas=self.resize_canvas())
 
   def init_state(self, rng):
     k_init, k_state = jax.random.split(rng)
@@ -274,7 +276,7 @@ class LinearProbeTask(_ClassifierTask):
     return api.probe_logits(probe, self.features(frozen, batch["image"]), self.config.probe.batchnorm)
 
   def train_step(self, state, batch, frozen):
-    feats = self.features(frozen, batch["image"])
+    feats = self.features(frozen, canvas.images(batch))
     extra, stats = state.extra, None
     if self.config.probe.batchnorm:  # torch BatchNorm1d(affine=False): batch stats in training, EMA 0.1
       mean, var = stats = feats.mean(0), feats.var(0)
