@@ -80,10 +80,12 @@ stage xla_flags "${T_FLAGS:-100}" bash -c xla_flag_sets
 # the cuDNN attention and kernel tests, and the step's resize (data.resize="device") exact on this GPU: its float32
 # matmuls at Precision.HIGHEST must not round (TF32 would)
 stage attention_tests "${T_TESTS:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_kernels.py \
-  tests/test_canvas.py -k "not training"
-# what the step's resize of 448 px canvases to 224 px costs here, per image (FLOPs, ms) at batch 256
+  tests/test_canvas.py tests/test_pixel_ops.py -k "not training"
+# what the step's resize of 448 px canvases to 224 px and fine-tuning's RandAugment colour ops cost here, per
+# image (FLOPs, ms) at batch 256
 stage device_resize "${T_RESIZE:-40}" $PY -c "import sys; sys.path.insert(0, 'benchmarks'); import input_pipeline as ip; \
-f, ms = ip.device_resize_cost(224, 256); print(f'device_resize: {f / 1e9:.2f} GFLOP per image, {ms * 1e3:.1f} us per image')"
+f, ms = ip.device_resize_cost(224, 256); print(f'device_resize: {f / 1e9:.2f} GFLOP per image, {ms * 1e3:.1f} us per image'); \
+f, ms = ip.device_ops_cost(224, 256); print(f'device_resize: RandAugment colour ops {f / 1e9:.3f} GFLOP per image, {ms * 1e3:.1f} us per image')"
 stage max_batch "${T_MAXB:-110}" $PY benchmarks/train_step.py --size=base --tasks=pretrain --max-batch \
   --remat="${MAXB_REMAT:-none,full}" --json "$OUT/bench.jsonl"
 echo "== done ($(date +%T))"

@@ -63,16 +63,22 @@ def ours(size: int) -> dict:
 def device_resize_cost(size: int, batch: int = 64) -> tuple[float, float]:
   """(XLA's FLOP count per image, ms per image on this machine's jax backend) of the step's resize of
   `batch` canvases of 2 x size px (data/canvas.py) to size px."""
-  import jax
   rng = np.random.default_rng(0)
   examples = [canvas_lib.pack(rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8), size, 2 * size)
               for h, w in rng.integers(size // 2, 2 * size + 1, (batch, 2))]
   args = [np.stack([e[k] for e in examples]) for k in ("canvas", "canvas_rows", "canvas_cols", "canvas_transposed")]
-  compiled = jax.jit(canvas_lib.resize).lower(*args).compile()
+  return _device_cost(canvas_lib.resize, args, batch)
+
+
+def _device_cost(fn, args, batch: int, reps: int = 5) -> tuple[float, float]:
+  """(XLA's FLOP count, ms on this machine's jax backend) per image of `fn(*args)` over `batch` images, timed
+  with the executable whose cost was read."""
+  import jax
+  compiled = jax.jit(fn).lower(*args).compile()
   cost = compiled.cost_analysis()
   flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
   jax.block_until_ready(compiled(*args))
-  t0, reps = time.perf_counter(), 5
+  t0 = time.perf_counter()
   for _ in range(reps):
     jax.block_until_ready(compiled(*args))
   return flops / batch, 1e3 * (time.perf_counter() - t0) / reps / batch
@@ -81,20 +87,12 @@ def device_resize_cost(size: int, batch: int = 64) -> tuple[float, float]:
 def device_ops_cost(size: int, batch: int = 64) -> tuple[float, float]:
   """(XLA's FLOP count per image, ms per image on this machine's jax backend) of the step's RandAugment
   colour ops (data/pixel_ops.py), 2 layers, on `batch` images of size px, each layer's kind drawn at random."""
-  import jax
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
   kinds = rng.integers(0, pixel_ops.KIND_COLOR + 1, (batch, 2)).astype(np.int32)
   luts = rng.integers(0, 256, (batch, 2, 256)).astype(np.uint8)
   factors = rng.uniform(0.1, 1.9, (batch, 2)).astype(np.float32)
-  compiled = jax.jit(pixel_ops.rand_augment).lower(images, kinds, luts, factors).compile()
-  cost = compiled.cost_analysis()
-  flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
-  jax.block_until_ready(compiled(images, kinds, luts, factors))
-  t0, reps = time.perf_counter(), 5
-  for _ in range(reps):
-    jax.block_until_ready(compiled(images, kinds, luts, factors))
-  return flops / batch, 1e3 * (time.perf_counter() - t0) / reps / batch
+  return _device_cost(pixel_ops.rand_augment, (images, kinds, luts, factors), batch)
 
 
 def official(size: int) -> dict:

@@ -109,11 +109,13 @@ def test_tiny_tokenizer_compiles_for_four_hosts_with_its_kmeans_first_step():
 @needs_libtpu
 def test_compiled_tpu_finetune_step_has_no_loop():
   """docs/deviations.md: the mixup / cutmix Beta draws are loop-free; the compiled TPU program of the
-  fine-tune step (mixup, cutmix, RandAugment's device half, drop path, erasing) has no while loop."""
-  c = _tiny("finetune_tiny", batch_size=32)
+  fine-tune step (mixup, cutmix, drop path, erasing and, with data.resize="device", the resize and
+  RandAugment's colour ops, data/pixel_ops.py) has no while loop."""
+  c = _tiny("finetune_tiny", batch_size=32, **{"data.resize": "device"})
   assert c.aug.mixup > 0 and c.aug.cutmix > 0
-  _, r = aot.try_config(c, os.path.join(ROOT, "configs"), aot.target("tpu:v4-8"), keep_text=True)
+  task, r = aot.try_config(c, os.path.join(ROOT, "configs"), aot.target("tpu:v4-8"), keep_text=True)
   assert r.compiled, r.error
+  assert {"canvas", "ra_kind", "ra_lut", "ra_factor"} <= set(aot.batch_spec(task))
   assert "fusion" in r.hlo_text and _loops_and_conditionals(r.hlo_text) == set()
 
 

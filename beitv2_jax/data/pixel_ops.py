@@ -134,7 +134,8 @@ def autocontrast_tables(hist: jax.Array) -> jax.Array:
   exact = (ix - lo) * 255 // jnp.maximum(hi - lo, 1)
   exceptions = jnp.asarray(_autocontrast_exceptions())
   key = lo * _VALUES * _VALUES + hi * _VALUES + ix
-  at = jnp.clip(jnp.searchsorted(exceptions, key), 0, exceptions.shape[0] - 1)
+  # unrolled: the default binary search is a while loop, which a TPU step waits on (the step stays loop-free)
+  at = jnp.clip(jnp.searchsorted(exceptions, key, method="scan_unrolled"), 0, exceptions.shape[0] - 1)
   table = jnp.clip(exact - (exceptions[at] == key), 0, 255)
   return jnp.where(hi <= lo, ix, table)
 
