@@ -155,3 +155,11 @@ def test_finetune_examples_resized_and_augmented_on_the_device_are_the_host_ones
   with_ops = sum(bool(g["ra_kind"].any()) for g in got)
   finished = sum(g["canvas_cols"][0, 1] == 1 << canvas.PRECISION_BITS for g in got)
   assert with_ops > 0 and finished > 0, (with_ops, finished)
+
+
+def test_contrast_on_a_view_too_large_for_int32_sums_is_refused():
+  big = jax.ShapeDtypeStruct((1, 3000, 3000, 3), jnp.int32)
+  with pytest.raises(ValueError, match="int32"):
+    jax.eval_shape(pixel_ops.contrast_tables, big, jax.ShapeDtypeStruct((1,), jnp.float32))
+  jax.eval_shape(pixel_ops.contrast_tables, jax.ShapeDtypeStruct((1, 384, 384, 3), jnp.int32),
+                 jax.ShapeDtypeStruct((1,), jnp.float32))

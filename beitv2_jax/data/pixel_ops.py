@@ -52,12 +52,13 @@ def _bit_length(x: jax.Array) -> jax.Array:
 
 
 def blend(base: jax.Array, image: jax.Array, factor: jax.Array) -> jax.Array:
-  """Image.blend(base, image, factor) on int32 values 0..255, factor float32 >= 0: C's float32
+  """Image.blend(base, image, factor) on int32 values 0..255, factor float32 0 or in [2^-8, 8) (RandAugment's
+  are in [0.1, 1.9]; below 2^-8 the shifts pass 30 bits, a negative factor's sign is ignored): C's float32
   `base + factor * (image - base)`, rounded to float32 after the product and after the sum, truncated and
   clipped to 0..255, computed in integers. (In floating point the compiler may fuse the product and the sum
   into one multiply-add, rounded once: XLA's CPU backend does, and an optimization barrier does not stop it.)
 
-  factor = m 2^-q (m < 2^24, q <= 27 for factors >= 2^-4); |product| = m |d| 2^-q, m |d| < 2^32, rounded to
+  factor = m 2^-q (m < 2^24, q <= 30 for factors >= 2^-8); |product| = m |d| 2^-q, m |d| < 2^32, rounded to
   24 significant bits (ties to even); then the sum's integer part T and its distance D (in units of 2^-q) below
   the next integer: float32 rounds the sum up to that integer when D is at most half its ulp."""
   bits = jax.lax.bitcast_convert_type(factor.astype(jnp.float32), jnp.int32)
@@ -141,11 +142,14 @@ def autocontrast_tables(hist: jax.Array) -> jax.Array:
 
 
 def contrast_tables(x: jax.Array, factor: jax.Array) -> jax.Array:
-  """ImageEnhance.Contrast as a table per example (B, 3, 256): a blend with the rounded mean grey, which is
-  floor(mean + 1/2) = (2 * sum + n) // (2n) in integers (a sum of n pixels never lands within 1/(2n) of
-  the rounding point, so float64's `int(mean + 0.5)` agrees)."""
+  """ImageEnhance.Contrast as a table per example (B, 3, 256): a blend with the rounded mean grey,
+  floor(mean + 1/2) in integers: the quotient of sum / n, plus one when twice the remainder reaches n (a sum of
+  n pixels never lands within 1/(2n) of the rounding point, so float64's `int(mean + 0.5)` agrees)."""
   n = x.shape[1] * x.shape[2]
-  level = (2 * grey(x).sum(axis=(1, 2)) + n) // (2 * n)
+  if 255 * n >= 1 << 31:
+    raise ValueError(f"the device's Contrast sums {n} pixels of up to 255 in int32: at most {((1 << 31) - 1) // 255}")
+  total = grey(x).sum(axis=(1, 2))
+  level = total // n + (2 * (total % n) >= n)
   table = blend(level[:, None], jnp.arange(_VALUES)[None, :], factor[:, None])
   return jnp.broadcast_to(table[:, None, :], (x.shape[0], 3, _VALUES))
 
