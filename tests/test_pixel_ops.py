@@ -74,10 +74,7 @@ def _on_device(images, plans, layers=2):
 
 
 def _on_host(image, plan):
-  im = Image.fromarray(image)
-  for name, level, negate in plan:
-    im = transforms.apply_op(im, name, level, negate)
-  return np.asarray(im)
+  return np.asarray(transforms.apply_plan(Image.fromarray(image), plan))
 
 
 def _unclipped_equalize_overflows(image) -> bool:

@@ -13,8 +13,8 @@ every op an example draws is one of these, ships each as a kind and its argument
   as `int(mean + 0.5)` of ImageStat), itself a table over the 256 values.
 - KIND_COLOR: ImageEnhance.Color, a blend of each pixel with its own grey.
 Image.blend computes `in1 + alpha * (in2 - in1)` in float32 (alpha as a C float), truncated to uint8 and
-clipped; here the same two roundings, with the product kept apart from the sum so that no fused multiply-add
-rounds once where C rounds twice. The rest (Rotate, Shear, Translate: PIL's bicubic affine in float64;
+clipped; here the same two float32 roundings are computed in integer arithmetic (`blend`), since XLA may fuse
+the float32 product and sum into one multiply-add that rounds once where C rounds twice. The rest (Rotate, Shear, Translate: PIL's bicubic affine in float64;
 Sharpness, a float32 3x3 filter) stay on the host: an example that draws one of them is augmented there and
 shipped resized, with KIND_NONE for its layers.
 """

@@ -224,7 +224,11 @@ def rand_augment_plan(rng: np.random.Generator, num_layers: int = 2, magnitude: 
 def rand_augment(im: Image.Image, rng: np.random.Generator, num_layers: int = 2, magnitude: float = 9.0,
                  magnitude_std: float = 0.5, prob: float = 0.5) -> Image.Image:
   """timm RandAugment (rand_augment_plan's ops, applied)."""
-  for name, level, negate in rand_augment_plan(rng, num_layers, magnitude, magnitude_std, prob):
+  return apply_plan(im, rand_augment_plan(rng, num_layers, magnitude, magnitude_std, prob))
+
+
+def apply_plan(im: Image.Image, plan: list[tuple[str, float, bool]]) -> Image.Image:
+  for name, level, negate in plan:
     im = apply_op(im, name, level, negate)
   return im
 
@@ -379,9 +383,7 @@ class FinetuneTrain:
     else:
       view = region.resize((self.size, self.size), INTERP["bicubic"])
       view = view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view
-      for name, level, negate in plan:
-        view = apply_op(view, name, level, negate)
-      example = {"image": as_uint8(view)}
+      example = {"image": as_uint8(apply_plan(view, plan))}
       if self.canvas:
         example = {**canvas_lib.pack_resized(example["image"], self.canvas), **pixel_ops.no_ops(self.layers)}
     example["erase"] = random_erasing_mask(rng, self.size, self.size, self.reprob)
