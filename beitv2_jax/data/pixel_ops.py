@@ -12,11 +12,13 @@ every op an example draws is one of these, ships each as a kind and its argument
 - KIND_CONTRAST: ImageEnhance.Contrast, a blend with the mean grey (PIL's integer RGB -> L, its mean rounded
   as `int(mean + 0.5)` of ImageStat), itself a table over the 256 values.
 - KIND_COLOR: ImageEnhance.Color, a blend of each pixel with its own grey.
+- KIND_SHARPNESS: ImageEnhance.Sharpness, a blend with ImageFilter.SMOOTH's 3x3 filter (borders kept), in
+  integers (`smooth`: its float32 sums never land near enough to a whole number for their rounding to count).
 Image.blend computes `in1 + alpha * (in2 - in1)` in float32 (alpha as a C float), truncated to uint8 and
 clipped; here the same two float32 roundings are computed in integer arithmetic (`blend`), since XLA may fuse
-the float32 product and sum into one multiply-add that rounds once where C rounds twice. The rest (Rotate, Shear, Translate: PIL's bicubic affine in float64;
-Sharpness, a float32 3x3 filter) stay on the host: an example that draws one of them is augmented there and
-shipped resized, with KIND_NONE for its layers.
+the float32 product and sum into one multiply-add that rounds once where C rounds twice. The rest (Rotate,
+Shear, Translate: PIL's bicubic affine in float64) stay on the host: an example that draws one of them is
+augmented there and shipped resized, with KIND_NONE for its layers.
 """
 from __future__ import annotations
 
@@ -26,12 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KIND_NONE, KIND_LUT, KIND_EQUALIZE, KIND_AUTOCONTRAST, KIND_CONTRAST, KIND_COLOR = range(6)
+KIND_NONE, KIND_LUT, KIND_EQUALIZE, KIND_AUTOCONTRAST, KIND_CONTRAST, KIND_COLOR, KIND_SHARPNESS = range(7)
 # the RandAugment ('inc1') ops the device runs, and how
 DEVICE_KINDS = {"Invert": KIND_LUT, "PosterizeIncreasing": KIND_LUT, "SolarizeIncreasing": KIND_LUT,
                 "SolarizeAdd": KIND_LUT, "BrightnessIncreasing": KIND_LUT, "Equalize": KIND_EQUALIZE,
                 "AutoContrast": KIND_AUTOCONTRAST, "ContrastIncreasing": KIND_CONTRAST,
-                "ColorIncreasing": KIND_COLOR}
+                "ColorIncreasing": KIND_COLOR, "SharpnessIncreasing": KIND_SHARPNESS}
+BLEND_KINDS = (KIND_CONTRAST, KIND_COLOR, KIND_SHARPNESS)  # the kinds that take a factor
 _VALUES = 256
 
 
@@ -154,6 +157,18 @@ def contrast_tables(x: jax.Array, factor: jax.Array) -> jax.Array:
   return jnp.broadcast_to(table[:, None, :], (x.shape[0], 3, _VALUES))
 
 
+def smooth(x: jax.Array) -> jax.Array:
+  """image.filter(ImageFilter.SMOOTH), (B, H, W, 3) int32 -> (B, H, W, 3) int32: Filter.c's 3x3 path sums
+  0.5 + each inner pixel's weighted neighbours (weights 1, centre 5, each divided by 13) in float32 and
+  truncates; the exact value is S / 13 + 1/2 for an integer S, never nearer than 1/26 to a whole number, so
+  float32's rounding (1e-4 at most here) never moves it across one and the result is floor(S / 13 + 1/2) =
+  (2 S + 13) // 26. The outermost rows and columns are copied."""
+  h, w = x.shape[1], x.shape[2]
+  window = lambda dy, dx: x[:, dy:h - 2 + dy, dx:w - 2 + dx]
+  weighted = sum(window(dy, dx) for dy in range(3) for dx in range(3)) + 4 * window(1, 1)
+  return x.at[:, 1:-1, 1:-1].set((2 * weighted + 13) // 26)
+
+
 def rand_augment(images: jax.Array, kinds: jax.Array, luts: jax.Array, factors: jax.Array) -> jax.Array:
   """The layers shipped by the host, in order: (B, H, W, 3) uint8 images, kinds (B, L) int32, luts (B, L, 256)
   uint8, factors (B, L) float32 -> (B, H, W, 3) uint8. Every kind is computed for every example and the drawn
@@ -168,8 +183,10 @@ def rand_augment(images: jax.Array, kinds: jax.Array, luts: jax.Array, factors: 
     tables = jnp.where((kind == KIND_AUTOCONTRAST)[:, None, None], autocontrast_tables(hist), tables)
     tables = jnp.where((kind == KIND_CONTRAST)[:, None, None], contrast_tables(x, factor), tables)
     looked_up = _apply_tables(x, tables)
-    coloured = blend(grey(x)[..., None], x, factor[:, None, None, None])
-    x = jnp.where((kind == KIND_COLOR)[:, None, None, None], coloured, looked_up)
+    per_pixel = jnp.where((kind == KIND_COLOR)[:, None, None, None],
+                          jnp.broadcast_to(grey(x)[..., None], x.shape), smooth(x))  # the blend's other image
+    blended = blend(per_pixel, x, factor[:, None, None, None])
+    x = jnp.where(((kind == KIND_COLOR) | (kind == KIND_SHARPNESS))[:, None, None, None], blended, looked_up)
   return x.astype(jnp.uint8)
 
 

@@ -247,7 +247,7 @@ def device_fields(plan: list[tuple[str, float, bool]], num_layers: int) -> Optio
     fields["ra_kind"][j] = kind
     if kind == pixel_ops.KIND_LUT:
       fields["ra_lut"][j] = np.asarray(apply_op(_RGB_RAMP, name, level, negate))[0, :, 0]
-    elif kind in (pixel_ops.KIND_CONTRAST, pixel_ops.KIND_COLOR):
+    elif kind in pixel_ops.BLEND_KINDS:
       fields["ra_factor"][j] = enhance_factor(level, negate)
   return fields
 
@@ -361,7 +361,7 @@ class FinetuneTrain:
   rand-m9-mstd0.5-inc1, (normalise), RandomErasing(0.25, pixel). `erase` marks the erased box. Takes a PIL
   image, or an undecoded JPEG (decode.EncodedJpeg) of which it decodes the rows down to the box.
 
-  With `canvas`, an example whose RandAugment ops the device can run exactly (pixel_ops.DEVICE_KINDS: 64% of
+  With `canvas`, an example whose RandAugment ops the device can run exactly (pixel_ops.DEVICE_KINDS: 69% of
   them at the recipe's draws) carries its crop for the device to resize (data/canvas.py) and those ops as
   `ra_*` fields; the others are augmented here and carry their finished view in the canvas, ops KIND_NONE.
   The draws are the same either way (the plan is drawn before any pixel is touched)."""
