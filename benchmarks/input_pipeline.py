@@ -89,7 +89,7 @@ def device_ops_cost(size: int, batch: int = 64) -> tuple[float, float]:
   colour ops (data/pixel_ops.py), 2 layers, on `batch` images of size px, each layer's kind drawn at random."""
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-  kinds = rng.integers(0, pixel_ops.KIND_COLOR + 1, (batch, 2)).astype(np.int32)
+  kinds = rng.integers(0, max(pixel_ops.DEVICE_KINDS.values()) + 1, (batch, 2)).astype(np.int32)
   luts = rng.integers(0, 256, (batch, 2, 256)).astype(np.uint8)
   factors = rng.uniform(0.1, 1.9, (batch, 2)).astype(np.float32)
   return _device_cost(pixel_ops.rand_augment, (images, kinds, luts, factors), batch)

@@ -281,14 +281,17 @@ def resized_view(region: Image.Image, size: int, interpolation: str = "bicubic",
                  flip_after: bool = False) -> dict:
   """A crop's training view: {'image': it resized to size x size (then flipped left-right with `flip_after`)},
   or with `canvas` the wire fields from which the step resizes it to the same pixels (data/canvas.py)."""
-  def resize(im: Image.Image) -> Image.Image:
-    return im.resize((size, size), INTERP[interpolation])
-
   if canvas:
     return canvas_lib.pack(as_uint8(region), size, canvas, interpolation, flip_after,
-                           resize_on_host=lambda pixels: as_uint8(resize(Image.fromarray(pixels))))
-  view = resize(region)
-  return {"image": as_uint8(view.transpose(Image.FLIP_LEFT_RIGHT) if flip_after else view)}
+                           resize_on_host=lambda pixels: as_uint8(resized(Image.fromarray(pixels), size,
+                                                                          interpolation)))
+  return {"image": as_uint8(resized(region, size, interpolation, flip_after))}
+
+
+def resized(region: Image.Image, size: int, interpolation: str = "bicubic", flip_after: bool = False) -> Image.Image:
+  """The crop resized to size x size on the host, then flipped left-right with `flip_after`."""
+  view = region.resize((size, size), INTERP[interpolation])
+  return view.transpose(Image.FLIP_LEFT_RIGHT) if flip_after else view
 
 
 class TokenizerTrain:
@@ -381,9 +384,7 @@ class FinetuneTrain:
     if on_device is not None:
       example = {**resized_view(region, self.size, canvas=self.canvas, flip_after=flip), **on_device}
     else:
-      view = region.resize((self.size, self.size), INTERP["bicubic"])
-      view = view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view
-      example = {"image": as_uint8(apply_plan(view, plan))}
+      example = {"image": as_uint8(apply_plan(resized(region, self.size, flip_after=flip), plan))}
       if self.canvas:
         example = {**canvas_lib.pack_resized(example["image"], self.canvas), **pixel_ops.no_ops(self.layers)}
     example["erase"] = random_erasing_mask(rng, self.size, self.size, self.reprob)
